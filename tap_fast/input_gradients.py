@@ -1,0 +1,81 @@
+"""Input-gradient explanations and the RRR / RBR baselines (eq. 4), which need double backward."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from tap_fast.masks import as_mask_batch, check_mask_values
+
+REDUCTIONS = ("mean", "sum")
+
+
+def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+    """d/dX of sum_k log_softmax(f(X))_k, the explanation RRR penalises (eq. 4, Ross et al. 2017)."""
+    if not inputs.requires_grad:
+        raise ValueError("inputs must require grad and be part of logits' graph: call "
+                         "inputs.requires_grad_(True) before the forward pass")
+    if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
+        raise ValueError(f"logits must be (B, K) with B = inputs batch size {inputs.shape[0]}, "
+                         f"got {tuple(logits.shape)}")
+    (grad,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), inputs, create_graph=create_graph)
+    return grad
+
+
+def _input_mask(mask: torch.Tensor, inputs: torch.Tensor, soft: bool, validate: bool) -> torch.Tensor:
+    mask = as_mask_batch(mask)
+    if mask.shape[0] != inputs.shape[0] or mask.shape[-2:] != inputs.shape[-2:]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match inputs shape {tuple(inputs.shape)}: "
+                         "expected (B, 1, H, W) with the inputs' B, H, W")
+    if validate:
+        check_mask_values(mask, soft=soft)
+    return mask.to(inputs.dtype)
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+def rrr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, *, normalize_mask: bool = False,
+                reduction: str = "mean", soft: bool = False, validate: bool = True) -> torch.Tensor:
+    """RRR, eq. 4: sum_ij [M * sum_k d log p_k / dX]_ij^2 per sample, built with create_graph so it trains.
+
+    Args:
+        logits: (B, K) model outputs computed from ``inputs`` (which must require grad).
+        inputs: (B, C, H, W); the mask is broadcast over C.
+        mask: (B, 1, H, W) or (B, H, W), 1 = spurious pixel.
+        normalize_mask: rescale each sample's mask by H*W / sum(M) as the released TAP code does;
+            False gives Ross et al.'s plain mask.
+        reduction: "mean" over the batch (released TAP code) or "sum" (Ross et al.).
+    """
+    m = _input_mask(mask, inputs, soft, validate)
+    if normalize_mask:
+        area = m.shape[-2] * m.shape[-1]
+        m = m * (area / m.sum((1, 2, 3), keepdim=True).clamp_min(1e-12))
+    grad = input_gradient(logits, inputs, create_graph=True)
+    return _reduce((m * grad).square().sum((1, 2, 3)), reduction)
+
+
+def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                parameters: Iterable[torch.Tensor], *, reduction: str = "sum", soft: bool = False,
+                validate: bool = True) -> torch.Tensor:
+    """RBR (Shao et al. 2021) with an identity Hessian, as in the paper's baselines.
+
+    influence = d/dX sum_theta dL_task/dtheta (L_task = batch-mean cross-entropy of ``targets``), and the
+    penalty is sum_ij [M * influence * input_gradient]_ij^2 per sample, reduced over the batch by "sum"
+    (released code; its lambdas are 1 to 1e9) or "mean". Training through it needs third-order
+    derivatives: run BatchNorm models in eval mode for this term.
+    """
+    m = _input_mask(mask, inputs, soft, validate)
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise ValueError("parameters must contain at least one tensor that requires grad")
+    task_loss = F.cross_entropy(logits, targets)
+    param_grads = torch.autograd.grad(task_loss, params, create_graph=True, allow_unused=True)
+    summed = sum(g.sum() for g in param_grads if g is not None)
+    (influence,) = torch.autograd.grad(summed, inputs, create_graph=True)
+    grad = input_gradient(logits, inputs, create_graph=True)
+    return _reduce((m * influence * grad).square().sum((1, 2, 3)), reduction)

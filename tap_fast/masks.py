@@ -1,0 +1,81 @@
+"""Annotation masks: validation and the layer-wise downscaling D(M, l) of eq. 7."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def as_mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """Return ``mask`` as a (B, 1, H, W) tensor; accepts (B, H, W) or (B, 1, H, W)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
+    if mask.shape[0] == 0 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(mask.shape)}")
+    return mask
+
+
+def check_mask_values(mask: torch.Tensor, *, soft: bool = False, name: str = "mask") -> None:
+    """Raise ValueError for NaN/inf masks, and for non-binary ones unless ``soft`` (then [0, 1]).
+
+    This reads the mask on the host: call it once per dataset or batch outside compiled regions.
+    """
+    m = mask.detach()
+    if not torch.isfinite(m).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if soft:
+        if bool((m < 0).any()) or bool((m > 1).any()):
+            raise ValueError(f"{name} must lie in [0, 1] (soft=True), got range "
+                             f"[{m.min().item():g}, {m.max().item():g}]")
+    elif not bool(((m == 0) | (m == 1)).all()):
+        bad = m[(m != 0) & (m != 1)].flatten()[:3].tolist()
+        raise ValueError(f"{name} must be binary (0 or 1, 1 = spurious), found values such as {bad}; "
+                         "pass soft=True to allow soft masks in [0, 1]")
+
+
+def _check_kernel_size(kernel_size: int) -> None:
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+
+
+def downscale_mask(mask: torch.Tensor, size: Sequence[int], kernel_size: int = 3) -> torch.Tensor:
+    """D(M, l) of eq. 7: AvgPool(MaxPool_k(M), H_l, W_l).
+
+    The max-pool has stride 1 and 'same' padding (k // 2), so the penalty region grows by k // 2 pixels;
+    the average pool is adaptive, so H need not be a multiple of H_l (MNIST 28 -> 6). When it is, the
+    adaptive pool equals a plain AvgPool with kernel and stride H / H_l.
+
+    Args:
+        mask: (B, 1, H, W) or (B, H, W), 1 = spurious pixel.
+        size: (H_l, W_l), each at most the mask's H, W.
+        kernel_size: odd max-pool window kappa (paper: 3); 1 skips the max-pool.
+    Returns:
+        (B, H_l, W_l) float tensor in [0, 1].
+    """
+    mask = as_mask_batch(mask)
+    _check_kernel_size(kernel_size)
+    h_l, w_l = (int(s) for s in size)
+    if not (0 < h_l <= mask.shape[-2] and 0 < w_l <= mask.shape[-1]):
+        raise ValueError(f"size must lie in [1, mask size]: got {(h_l, w_l)} for mask size "
+                         f"{tuple(mask.shape[-2:])}")
+    m = mask if mask.is_floating_point() else mask.float()
+    if kernel_size > 1:
+        m = F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2)
+    return F.adaptive_avg_pool2d(m, (h_l, w_l))[:, 0]
+
+
+def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int = 3,
+                    compound: bool = False) -> list[torch.Tensor]:
+    """D(M, l) for each layer size. ``compound=True`` follows the released code: layer l's mask is
+    downscaled from layer l-1's, so the max-pool is applied again at every layer."""
+    out, prev = [], as_mask_batch(mask)
+    for size in sizes:
+        d = downscale_mask(prev if compound else mask, size, kernel_size)
+        out.append(d)
+        prev = d
+    return out

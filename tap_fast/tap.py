@@ -1,0 +1,97 @@
+"""The Targeted Activation Penalty (eq. 6-8) with a plain-PyTorch reference and backend dispatch."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tap_fast.masks import as_mask_batch, check_mask_values, downscale_masks
+
+NORMS = ("l1", "l2sq")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, norm: str) -> torch.Tensor:
+    """Validate the arguments of :func:`tap_penalty`; return the mask as (B, 1, H, W)."""
+    if isinstance(activations, torch.Tensor) or not isinstance(activations, (list, tuple)):
+        raise TypeError("activations must be a list or tuple of (B, C_l, H_l, W_l) tensors, got "
+                        f"{type(activations).__name__}")
+    if len(activations) == 0:
+        raise ValueError("activations must hold at least one (B, C_l, H_l, W_l) tensor, got an empty list")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    mask = as_mask_batch(mask)
+    for i, a in enumerate(activations):
+        if not isinstance(a, torch.Tensor) or a.dim() != 4:
+            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise ValueError(f"activations[{i}] must be a (B, C_l, H_l, W_l) tensor, got {shape}")
+        if not a.is_floating_point():
+            raise TypeError(f"activations[{i}] must be floating point, got {a.dtype}")
+        if a.shape[0] != mask.shape[0]:
+            raise ValueError(f"mask batch size {mask.shape[0]} does not match activations[{i}] batch size "
+                             f"{a.shape[0]}")
+        if a.shape[-2] > mask.shape[-2] or a.shape[-1] > mask.shape[-1]:
+            raise ValueError(f"activations[{i}] spatial size {tuple(a.shape[-2:])} exceeds the mask size "
+                             f"{tuple(mask.shape[-2:])}: mask must be at input resolution")
+        if a.device != mask.device:
+            raise ValueError(f"mask is on {mask.device} but activations[{i}] is on {a.device}")
+    return mask
+
+
+def tap_penalty_reference(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kernel_size: int = 3,
+                          norm: str = "l1", compound: bool = False) -> torch.Tensor:
+    """Plain-PyTorch eq. 8, batch mean: mean_b (1/L) sum_l sum_hw f(D(M,l) * A^l), A^l = sum_c relu(Z^l_c).
+
+    f is |.| for norm="l1" (the paper) and (.)^2 for "l2sq" (the released code). Accumulates in fp32.
+    """
+    mask = as_mask_batch(mask)
+    sizes = [a.shape[-2:] for a in activations]
+    total = None
+    for z, d in zip(activations, downscale_masks(mask, sizes, kernel_size, compound)):
+        a_map = F.relu(z).sum(1, dtype=torch.float32)  # eq. 6
+        x = d.float() * a_map
+        per_sample = (x if norm == "l1" else x.square()).sum((1, 2))
+        total = per_sample.mean() if total is None else total + per_sample.mean()
+    return total / len(activations)
+
+
+def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kernel_size: int = 3,
+                norm: str = "l1", compound: bool = False, soft: bool = False, validate: bool = True,
+                backend: str = "auto") -> torch.Tensor:
+    """TAP, eq. 8: the batch mean over samples of (1/L) sum_l || D(M,l) * sum_c relu(Z^l_c) ||.
+
+    Args:
+        activations: list of (B, C_l, H_l, W_l) outputs of the targeted layers (pre- or post-ReLU).
+        mask: (B, 1, H, W) or (B, H, W) at input resolution, 1 = spurious pixel.
+        kernel_size: max-pool window of D (eq. 7).
+        norm: "l1" (eq. 8) or "l2sq" (squared Frobenius norm, the authors' released code).
+        compound: downscale each layer's mask from the previous layer's (released code).
+        soft: accept soft masks in [0, 1] instead of binary ones.
+        validate: check mask values (NaN, binary) on the host; turn off inside compiled or captured steps
+            after validating the data once.
+        backend: "torch" (reference), "triton" (fused kernel, CUDA or TRITON_INTERPRET=1), or "auto"
+            (Triton on CUDA tensors when available, else the reference).
+    Returns:
+        fp32 scalar tensor.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    mask = check_tap_inputs(activations, mask, norm)
+    if validate:
+        check_mask_values(mask, soft=soft)
+    if backend == "auto":
+        backend = "triton" if mask.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        return tap_penalty_reference(activations, mask, kernel_size=kernel_size, norm=norm, compound=compound)
+    from kernels.tap_op import fused_tap_penalty
+
+    return fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
