@@ -1,0 +1,75 @@
+"""Teacher annotations (section 4.2, eq. 13-14), the random-annotation baseline and their quality (Figure 8)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tap_fast.input_gradients import input_gradient
+from tap_fast.masks import as_mask_batch
+
+TAUS = (0.01, 0.05, 0.1)
+
+
+def saliency_maps(model: nn.Module, images: torch.Tensor, *, mean: float, std: float,
+                  batch_size: int = 256) -> torch.Tensor:
+    """E of eq. 13: |input gradient| summed over channels and divided by its per-image maximum.
+
+    Args:
+        model: the teacher, evaluated in eval mode (its mode is restored afterwards).
+        images: (N, C, H, W) uint8 images on the model's device, normalised as in training.
+    Returns:
+        (N, 1, H, W) float32 in [0, 1]; each image with a non-zero gradient has maximum 1, an image with an
+        all-zero gradient maps to zeros (nothing salient).
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size].float().div(255.0).sub(mean).div(std).requires_grad_(True)
+            with torch.enable_grad():
+                e = input_gradient(model(x), x).abs().sum(1, keepdim=True)
+            peak = e.amax((2, 3), keepdim=True)
+            out.append(torch.where(peak > 0, e / peak.clamp_min(torch.finfo(e.dtype).tiny), 0.0))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def threshold_saliency(saliency: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 14: M = 1 where E < tau (low-saliency pixels are annotated as spurious), else 0; uint8."""
+    if not 0.0 < float(tau) <= 1.0:
+        raise ValueError(f"tau must lie in (0, 1], got {tau!r}")
+    return (saliency < tau).to(torch.uint8)
+
+
+def random_masks(reference: torch.Tensor, *, generator: torch.Generator | None = None,
+                 batch_size: int = 1024) -> torch.Tensor:
+    """Random-annotation baseline: each image gets as many ones as in ``reference`` (e.g. its teacher mask),
+    at uniformly random pixels. Returns uint8 (N, 1, H, W) on the reference's device; the positions are drawn on
+    the CPU from ``generator`` (a CPU generator, or None for the global RNG)."""
+    reference = as_mask_batch(reference, "reference")
+    n, _, h, w = reference.shape
+    counts = reference.reshape(n, -1).ne(0).sum(1).cpu()
+    out = []
+    for i in range(0, n, batch_size):
+        scores = torch.rand(min(batch_size, n - i), h * w, generator=generator)
+        ranks = scores.argsort(1).argsort(1)
+        out.append((ranks < counts[i:i + batch_size, None]).to(torch.uint8))
+    return torch.cat(out).reshape(n, 1, h, w).to(reference.device)
+
+
+def annotation_quality(masks: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Precision |M ∩ G| / |M| and recall |M ∩ G| / |G| of annotation masks M against ground-truth masks G,
+    pooled over all pixels of all images (Figure 8), plus the fraction of pixels annotated. A ratio with an
+    empty denominator is reported as 0.0."""
+    masks, truth = as_mask_batch(masks, "masks"), as_mask_batch(truth, "truth")
+    if masks.shape != truth.shape:
+        raise ValueError(f"masks and truth must have the same shape, got {tuple(masks.shape)} and "
+                         f"{tuple(truth.shape)}")
+    m, g = masks.ne(0), truth.ne(0)
+    hit, marked, spurious = (m & g).sum().item(), m.sum().item(), g.sum().item()
+    return {"precision": hit / marked if marked else 0.0, "recall": hit / spurious if spurious else 0.0,
+            "fraction": marked / m.numel()}

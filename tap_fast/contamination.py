@@ -1,0 +1,212 @@
+"""Spurious contaminations SC(X*, y) and SC(X*, permute(y)) of section 5.1 and Appendix F.
+
+Each ``add_*`` function writes a label-revealing signal into a batch of uint8 images (N, C, H, W) and
+returns the contaminated copy with its ground-truth annotation mask (N, 1, H, W) uint8, 1 exactly on the
+pixels written. ``signal`` is the label the spurious signal encodes: the true label for SC(X*, y), a
+permuted one for SC(X*, permute(y)). Positions are drawn from ``generator`` on its own device (the global
+CPU generator when None) and moved to the images' device, so a seeded CPU generator gives the same
+contamination on CPU and GPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tap_fast.glyphs import render
+
+KINDS = ("decoy", "tag", "stripe")
+VARIANTS = ("contaminated", "permuted", "clean")
+PNEU_TAGS = ("ABC", "XYZ")
+KNEE_TAGS = ("ABC", "DEF", "GHI", "JKL", "MNO")
+DEFAULT_TAGS = {2: PNEU_TAGS, 5: KNEE_TAGS}
+
+DECOY_SIZE = 4  # Ross et al. 2017: 4x4 patches on 28x28 MNIST
+REFERENCE_SIZE = 224  # tag height, margin and stripe geometry are given for 224x224 images
+TAG_HEIGHT, TAG_MARGIN = 22, 6
+STRIPE_WIDTH, STRIPE_MAX_OFFSET = 6, 15
+STRIPE_STEPS = {2: 127, 5: 51}  # Appendix F: PNEU 255 - y*127, KNEE 255 - y*51
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (0..255), got {images.dtype}")
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def _check_signal(signal: torch.Tensor, n: int, num_values: int, device: torch.device, name: str = "signal"
+                  ) -> torch.Tensor:
+    """``signal`` (n,) as int64 on ``device``; each entry must lie in [0, num_values)."""
+    if not isinstance(signal, torch.Tensor) or signal.is_floating_point() or signal.is_complex() \
+            or signal.dtype == torch.bool:
+        got = signal.dtype if isinstance(signal, torch.Tensor) else type(signal).__name__
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {got}")
+    if signal.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(signal.shape)}")
+    if n and (int(signal.min()) < 0 or int(signal.max()) >= num_values):
+        raise ValueError(f"{name} must lie in [0, {num_values}), got range "
+                         f"[{int(signal.min())}, {int(signal.max())}]")
+    return signal.to(device=device, dtype=torch.int64)
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+
+
+def _scaled(length: int, size: int, minimum: int) -> int:
+    """A length given for 224 px images, scaled to ``size`` px."""
+    return max(minimum, round(length * size / REFERENCE_SIZE))
+
+
+def _draw(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """n uniform ints in [0, high), drawn on the generator's device and moved to ``device``."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(high, (n,), generator=generator, device=gen_device).to(device)
+
+
+def _write(images: torch.Tensor, templates: torch.Tensor, index: torch.Tensor, values: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write values[i] where templates[index[i]] (P, H, W bool) is set; return (images, uint8 mask)."""
+    mask = templates.to(images.device)[index].unsqueeze(1)
+    out = torch.where(mask, values.to(torch.uint8).view(-1, 1, 1, 1), images)
+    return out, mask.to(torch.uint8)
+
+
+def _corner_templates(bitmap: torch.Tensor, height: int, width: int, margin: int) -> torch.Tensor:
+    """(4, H, W) bool: ``bitmap`` at ``margin`` px from the top-left, top-right, bottom-left, bottom-right."""
+    h, w = bitmap.shape
+    if h + 2 * margin > height or w + 2 * margin > width:
+        raise ValueError(f"a {h}x{w} px signal with a {margin} px margin does not fit {height}x{width} images")
+    out = torch.zeros(4, height, width, dtype=torch.bool)
+    for i, (top, left) in enumerate([(margin, margin), (margin, width - margin - w),
+                                     (height - margin - h, margin), (height - margin - h, width - margin - w)]):
+        out[i, top:top + h, left:left + w] = bitmap
+    return out
+
+
+def add_decoys(images: torch.Tensor, signal: torch.Tensor, *, generator: torch.Generator | None = None,
+               size: int = DECOY_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST decoys (section 5.1, after Ross et al. 2017): a ``size`` x ``size`` patch in a random one of
+    the four corners, value 255 - 25 * signal (signal in 0..10)."""
+    images = _check_images(images)
+    signal = _check_signal(signal, images.shape[0], 11, images.device)
+    patch = torch.ones(size, size, dtype=torch.bool)
+    templates = _corner_templates(patch, images.shape[-2], images.shape[-1], margin=0)
+    corner = _draw(4, images.shape[0], generator, images.device)
+    return _write(images, templates, corner, 255 - 25 * signal)
+
+
+def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str], *, height: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Medical text tags (section 5.1): tags[signal] in white (255) bold monospace, about 22 px high on
+    224x224 images (round(22 H / 224), at least 5 px, unless ``height`` is given), in a random corner
+    round(6 H / 224) px (at least 1) from the edges."""
+    images = _check_images(images)
+    if isinstance(tags, str) or not isinstance(tags, Sequence) or len(tags) < 2 \
+            or not all(isinstance(t, str) and t for t in tags):
+        raise ValueError(f"tags must be a sequence of at least two non-empty strings, got {tags!r}")
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"tags must be distinct so that each label gets its own signal, got {tags!r}")
+    signal = _check_signal(signal, images.shape[0], len(tags), images.device)
+    img_h, img_w = images.shape[-2:]
+    height = _scaled(TAG_HEIGHT, img_h, 5) if height is None else height
+    margin = _scaled(TAG_MARGIN, img_h, 1)
+    templates = torch.stack([_corner_templates(render(t, height), img_h, img_w, margin) for t in tags])
+    corner = _draw(4, images.shape[0], generator, images.device)
+    return _write(images, templates.flatten(0, 1), signal * 4 + corner, torch.full_like(signal, 255))
+
+
+def stripe_step(num_classes: int) -> int:
+    """Brightness step between classes of the stripe artefact: 127 for 2 classes and 51 for 5 (Appendix F),
+    otherwise 255 // (num_classes - 1)."""
+    _check_num_classes(num_classes)
+    return STRIPE_STEPS.get(num_classes, 255 // (num_classes - 1))
+
+
+def add_stripes(images: torch.Tensor, signal: torch.Tensor, num_classes: int, *,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stripe artefact (Appendix F): a full-height vertical stripe 6 px wide, at a uniformly random
+    0..15 px from the left or the right edge (both scaled by W / 224; width at least 1 px), brightness
+    255 - signal * stripe_step(num_classes)."""
+    images = _check_images(images)
+    step = stripe_step(num_classes)
+    signal = _check_signal(signal, images.shape[0], num_classes, images.device)
+    img_h, img_w = images.shape[-2:]
+    width, max_offset = _scaled(STRIPE_WIDTH, img_w, 1), _scaled(STRIPE_MAX_OFFSET, img_w, 0)
+    if width + max_offset > img_w:
+        raise ValueError(f"a {width} px stripe up to {max_offset} px from the edge does not fit width {img_w}")
+    templates = torch.zeros(2, max_offset + 1, img_h, img_w, dtype=torch.bool)
+    for d in range(max_offset + 1):
+        templates[0, d, :, d:d + width] = True
+        templates[1, d, :, img_w - d - width:img_w - d] = True
+    position = _draw(2 * (max_offset + 1), images.shape[0], generator, images.device)
+    return _write(images, templates.flatten(0, 1), position, 255 - step * signal)
+
+
+def signal_permutation(num_classes: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random label -> signal permutation other than the identity (a swap for 2 classes), int64 on CPU."""
+    _check_num_classes(num_classes)
+    if num_classes == 2:
+        return torch.tensor([1, 0])
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    identity = torch.arange(num_classes)
+    while True:
+        perm = torch.randperm(num_classes, generator=generator, device=gen_device).cpu()
+        if not torch.equal(perm, identity):
+            return perm
+
+
+def permuted_signal(labels: torch.Tensor, num_classes: int, *, generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """The signal of SC(X*, permute(y)): perm[labels] for one random non-identity permutation."""
+    _check_num_classes(num_classes)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a 1-D integer torch.Tensor, got {got}")
+    labels = _check_signal(labels, labels.shape[0], num_classes, labels.device, "labels")
+    return signal_permutation(num_classes, generator=generator).to(labels.device)[labels]
+
+
+def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_classes: int, *,
+                variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SC(X*, y) ("contaminated"), SC(X*, permute(y)) ("permuted") or X* ("clean": a copy of the images and
+    an all-zero mask) with a contamination ``kind`` in KINDS.
+
+    Positions and the permutation come from CPU generators seeded with ``seed``, so the result does not
+    depend on the device, and the permuted variant puts its signals at the same positions as the
+    contaminated one. ``tags`` (kind "tag" only) default to PNEU_TAGS for 2 classes, KNEE_TAGS for 5.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if tags is not None and kind != "tag":
+        raise ValueError(f"tags apply to kind='tag' only, got kind={kind!r}")
+    _check_num_classes(num_classes)
+    images = _check_images(images)
+    labels = _check_signal(labels, images.shape[0], num_classes, images.device, "labels")
+    if kind == "tag" and tags is None:
+        if num_classes not in DEFAULT_TAGS:
+            raise ValueError(f"tags must be given for kind='tag' with num_classes={num_classes} "
+                             f"(defaults exist for {sorted(DEFAULT_TAGS)} classes)")
+        tags = DEFAULT_TAGS[num_classes]
+    if variant == "clean":
+        n, _, h, w = images.shape
+        return images.clone(), torch.zeros(n, 1, h, w, dtype=torch.uint8, device=images.device)
+    signal = labels
+    if variant == "permuted":
+        signal = permuted_signal(labels, num_classes, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "decoy":
+        return add_decoys(images, signal, generator=generator)
+    if kind == "tag":
+        if len(tags) != num_classes:
+            raise ValueError(f"tags must hold one string per class ({num_classes}), got {tags!r}")
+        return add_text_tags(images, signal, tags, generator=generator)
+    return add_stripes(images, signal, num_classes, generator=generator)

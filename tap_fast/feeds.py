@@ -1,0 +1,146 @@
+"""GPU-resident in-memory feed: uint8 images held on the device, contaminated once, sliced per batch.
+
+The contamination (Section 5: decoys, tags, stripes; "permuted" variants) and its masks are made once for
+the whole set by the reference :func:`tap_fast.contamination.contaminate` on the device (60k x 28 x 28
+uint8 is 47 MB), so every batch equals the reference exactly; each batch is then an index gather plus the
+uint8 -> float normalisation. Batches have static shapes (the last partial batch is dropped by default)
+so a training step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from tap_fast.contamination import KINDS, contaminate
+
+VARIANTS = ("contaminated", "permuted", "clean")
+
+
+def epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool = True, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
+    """Sample indices (CPU int64) that ``rank`` reads in ``epoch``.
+
+    Every rank draws the same permutation from a CPU generator seeded by (seed, epoch), so the order does
+    not depend on the device; rank r takes elements r, r + world_size, ... of its first
+    world_size * (n // world_size), so shares are disjoint and equal and together cover all but
+    n % world_size samples (DistributedSampler(drop_last=True) semantics).
+    """
+    if shuffle:
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        perm = torch.randperm(n, generator=g)
+    else:
+        perm = torch.arange(n)
+    share = n // world_size
+    return perm[rank: share * world_size: world_size]
+
+
+def check_sharding(rank: int, world_size: int) -> None:
+    """Raise for a rank outside [0, world_size) or a non-positive world size."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+
+
+def check_normalisation(mean: float, std: float) -> tuple[float, float]:
+    """Return (mean, std) as floats; std must be positive (both on the [0, 1] pixel scale)."""
+    mean, std = float(mean), float(std)
+    if not std > 0:
+        raise ValueError(f"std must be positive (on the [0, 1] pixel scale), got {std}")
+    return mean, std
+
+
+def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 pixels -> float32 (x / 255 - mean) / std."""
+    return images.float().div_(255.0).sub_(mean).div_(std)
+
+
+class DeviceFeed:
+    """Shuffled static-shape batches ``(x, y, mask)`` of an in-memory uint8 set held on ``device``.
+
+    Args:
+        images_uint8: (N, H, W) or (N, 1, H, W) uint8 clean images.
+        labels: (N,) integer labels in [0, num_classes).
+        kind: contamination, one of ``KINDS`` ("decoy", "tag", "stripe"), or None for none (zero masks).
+        num_classes: number of classes.
+        variant: "contaminated" (signal = label), "permuted" (signal = permuted label) or "clean".
+        batch_size: samples per batch (per rank).
+        mean, std: normalisation constants on the [0, 1] pixel scale.
+        seed: seeds the contamination (as ``contaminate(..., seed=seed)``) and the shuffling.
+        device: where the set lives and batches are made.
+        drop_last: drop the last partial batch (static shapes for CUDA graphs).
+        shuffle: reshuffle each epoch (see :meth:`set_epoch`); False reads in index order.
+        rank, world_size: DDP sharding; each rank reads a disjoint equal share of each epoch.
+        tags: text tags per class for kind="tag" (defaults of :func:`contaminate` when None).
+
+    Iterating gives one epoch of ``x`` float32 (B, 1, H, W) normalised, ``y`` int64 (B,) and ``mask``
+    float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, *, kind: str | None,
+                 num_classes: int, variant: str = "contaminated", batch_size: int, mean: float, std: float,
+                 seed: int = 0, device: torch.device | str = "cuda", drop_last: bool = True,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 tags: Sequence[str] | None = None) -> None:
+        images = _check_images(images_uint8)
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+            raise TypeError("labels must be a 1-D integer torch.Tensor, got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                            f"{tuple(getattr(labels, 'shape', ()))}")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} entries but images_uint8 has {images.shape[0]}")
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_sharding(rank, world_size)
+        self.mean, self.std = check_normalisation(mean, std)
+        share = images.shape[0] // world_size
+        if batch_size > share and drop_last:
+            raise ValueError(f"batch_size={batch_size} exceeds this rank's share of {share} samples "
+                             "(drop_last=True would give no batches)")
+        self.device = torch.device(device)
+        self.batch_size, self.drop_last, self.shuffle = batch_size, drop_last, shuffle
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, int(seed), 0
+        images, labels = images.to(self.device), labels.to(self.device, torch.int64)
+        if kind is None:
+            masks = torch.zeros_like(images)
+        else:
+            images, masks = contaminate(images, labels, kind, num_classes, variant=variant, seed=self.seed,
+                                        tags=tags)
+        self.images, self.labels, self.masks = images, labels, masks
+
+    def __len__(self) -> int:
+        share = self.images.shape[0] // self.world_size
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration reads (same on every rank)."""
+        self.epoch = int(epoch)
+
+    def order(self) -> torch.Tensor:
+        """Indices (into the full set) of the samples this rank reads this epoch, in batch order."""
+        idx = epoch_order(self.images.shape[0], epoch=self.epoch, seed=self.seed, shuffle=self.shuffle,
+                          rank=self.rank, world_size=self.world_size)
+        return idx[: len(self) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = self.order().to(self.device, non_blocking=True)
+        for idx in order.split(self.batch_size):
+            x = normalise(self.images.index_select(0, idx), self.mean, self.std)
+            yield x, self.labels.index_select(0, idx), self.masks.index_select(0, idx).float()
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise TypeError("images_uint8 must be a uint8 torch.Tensor, got "
+                        f"{getattr(images, 'dtype', type(images).__name__)}")
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
+        raise ValueError(f"images_uint8 must have shape (N, H, W) or (N, 1, H, W) with N > 0, got "
+                         f"{tuple(images.shape)}")
+    return images

@@ -1,0 +1,65 @@
+"""One optimisation step of CE + lambda * XS penalty (eq. 3 with TAP of eq. 8, or RRR / RBR of eq. 4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tap_fast.input_gradients import rbr_penalty, rrr_penalty
+from tap_fast.tap import tap_penalty
+
+METHODS = ("none", "tap", "rrr", "rbr")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               masks: torch.Tensor | None, *, method: str, lam: float, mean: float, std: float,
+               norm: str = "l1", kernel_size: int = 3, compound: bool = False, explain_in_eval: bool = False,
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Take one step on a batch and return detached (loss, task_loss, penalty) device scalars.
+
+    Args:
+        model: a :class:`~tap_fast.taps.TappedModel` (forward returns ``(logits, activations)``), in train mode.
+        images: (B, C, H, W) uint8 batch on the model's device; normalised here as (x / 255 - mean) / std.
+        labels: (B,) int64 class indices.
+        masks: (B, 1, H, W) binary annotation masks (1 = spurious), validated once per data set beforehand;
+            unused (may be None) for method "none".
+        method: "none" (cross-entropy only), "tap" (eq. 8), "rrr" (eq. 4, released code's per-sample mask
+            rescaling and batch mean) or "rbr" (identity-Hessian RBR, summed over the batch).
+        lam: lambda of eq. 3.
+        norm, kernel_size, compound, backend: passed to :func:`~tap_fast.tap.tap_penalty`.
+        explain_in_eval: compute the RRR / RBR term from a second forward pass in eval mode, as the released
+            code does; needed for BatchNorm models, whose training-mode backward lacks 3rd-order derivatives.
+    """
+    x = images.float().div(255.0).sub(mean).div(std)
+    input_grad = method in ("rrr", "rbr") and not explain_in_eval
+    if input_grad:
+        x.requires_grad_(True)
+    logits, activations = model(x)
+    task_loss = F.cross_entropy(logits, labels)
+
+    if method == "none":
+        penalty = torch.zeros((), device=task_loss.device)
+    elif method == "tap":
+        penalty = tap_penalty(activations, masks, kernel_size=kernel_size, norm=norm, compound=compound,
+                              validate=False, backend=backend)
+    elif method in ("rrr", "rbr"):
+        x_explained, logits_explained = x, logits
+        if explain_in_eval:
+            model.eval()
+            x_explained = x.detach().requires_grad_(True)
+            logits_explained, _ = model(x_explained)
+            model.train()
+        if method == "rrr":
+            penalty = rrr_penalty(logits_explained, x_explained, masks, normalize_mask=True, reduction="mean",
+                                  validate=False)
+        else:
+            penalty = rbr_penalty(logits_explained, x_explained, masks, labels, model.parameters(),
+                                  reduction="sum", validate=False)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+    loss = task_loss + lam * penalty
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), task_loss.detach(), penalty.detach()

@@ -1,0 +1,36 @@
+"""Bad input to the TAP API raises ValueError/TypeError naming the argument."""
+import pytest
+import torch
+
+from tap_fast import downscale_mask, tap_penalty
+
+ACTS = [torch.randn(2, 3, 7, 7)]
+MASK = torch.zeros(2, 1, 14, 14)
+
+
+@pytest.mark.parametrize("acts, mask, kwargs, error, match", [
+    ([], MASK, {}, ValueError, "activations must hold at least one"),
+    (ACTS[0], MASK, {}, TypeError, "activations must be a list or tuple"),
+    ([torch.randn(2, 3, 7)], MASK, {}, ValueError, r"activations\[0\] must be a \(B, C_l, H_l, W_l\)"),
+    ([torch.randint(0, 3, (2, 3, 7, 7))], MASK, {}, TypeError, r"activations\[0\] must be floating"),
+    (ACTS, torch.zeros(3, 1, 14, 14), {}, ValueError, "mask batch size 3 does not match activations"),
+    (ACTS, torch.zeros(2, 1, 5, 5), {}, ValueError, "exceeds the mask size"),
+    (ACTS, torch.zeros(2, 2, 14, 14), {}, ValueError, r"mask must have shape \(B, H, W\) or \(B, 1, H, W\)"),
+    (ACTS, MASK.numpy(), {}, TypeError, "mask must be a torch.Tensor"),
+    (ACTS, torch.full((2, 1, 14, 14), float("nan")), {}, ValueError, "mask contains NaN"),
+    (ACTS, torch.full((2, 1, 14, 14), 2.0), {}, ValueError, "mask must be binary"),
+    (ACTS, torch.full((2, 1, 14, 14), 1.5), {"soft": True}, ValueError, r"mask must lie in \[0, 1\]"),
+    (ACTS, MASK, {"norm": "l2"}, ValueError, "norm must be one of"),
+    (ACTS, MASK, {"backend": "cuda"}, ValueError, "backend must be one of"),
+    (ACTS, MASK, {"kernel_size": 2}, ValueError, "kernel_size must be a positive odd int"),
+])
+def test_tap_penalty_rejects(acts, mask, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tap_penalty(acts, mask, **kwargs)
+
+
+def test_downscale_rejects_bad_size():
+    with pytest.raises(ValueError, match="size must lie in"):
+        downscale_mask(MASK, (15, 7))
+    with pytest.raises(ValueError, match="size must lie in"):
+        downscale_mask(MASK, (0, 7))

@@ -1,0 +1,118 @@
+"""RRR and RBR (eq. 4 and the RBR baseline) against torch.func computations of the same quantities."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from tap_fast import input_gradient, rbr_penalty, rrr_penalty
+
+
+def small_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7 * 5, 3)).double()
+
+
+def data(b=3):
+    x = torch.randn(b, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(b, 1, 7, 5) < 0.4).double()
+    y = torch.randint(0, 3, (b,))
+    return x, mask, y
+
+
+def func_input_gradients(model, x):
+    params = dict(model.named_parameters())
+
+    def summed_log_prob(xi):
+        return F.log_softmax(functional_call(model, params, (xi[None],)), dim=1).sum()
+
+    return vmap(grad(summed_log_prob))(x.detach())
+
+
+@pytest.mark.parametrize("normalize_mask", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rrr_matches_torch_func(normalize_mask, reduction):
+    model = small_net()
+    x, mask, _ = data()
+    value = rrr_penalty(model(x), x, mask, normalize_mask=normalize_mask, reduction=reduction)
+    g = func_input_gradients(model, x)
+    m = mask * (35 / mask.sum((1, 2, 3), keepdim=True)) if normalize_mask else mask
+    per_sample = (m * g).square().sum((1, 2, 3))
+    want = per_sample.mean() if reduction == "mean" else per_sample.sum()
+    torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
+
+
+def test_input_gradient_matches_finite_differences():
+    model = small_net()
+    x, _, _ = data(1)
+    g = input_gradient(model(x), x)
+    eps, idx = 1e-6, (0, 1, 3, 2)
+    xp, xm = x.detach().clone(), x.detach().clone()
+    xp[idx] += eps
+    xm[idx] -= eps
+    f = lambda t: F.log_softmax(model(t), dim=1).sum()  # noqa: E731
+    fd = (f(xp) - f(xm)) / (2 * eps)
+    assert g[idx].item() == pytest.approx(fd.item(), rel=1e-6)
+
+
+def test_rrr_gradient_reaches_parameters_and_matches_finite_differences():
+    model = small_net()
+    x, mask, _ = data()
+    value = rrr_penalty(model(x), x, mask)
+    value.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # directional derivative along a random parameter direction
+    direction = [torch.randn_like(p) for p in model.parameters()]
+    analytic = sum((p.grad * v).sum() for p, v in zip(model.parameters(), direction))
+    eps = 1e-6
+
+    def penalty_at(sign):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), direction):
+                p.add_(sign * eps * v)
+        xi = x.detach().requires_grad_(True)
+        out = rrr_penalty(model(xi), xi, mask).detach()
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), direction):
+                p.sub_(sign * eps * v)
+        return out
+
+    fd = (penalty_at(1) - penalty_at(-1)) / (2 * eps)
+    assert analytic.item() == pytest.approx(fd.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rbr_matches_explicit_computation(reduction):
+    model = small_net()
+    x, mask, y = data()
+    value = rbr_penalty(model(x), x, mask, y, model.parameters(), reduction=reduction)
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def summed_param_grads(xs):
+        grads = grad(lambda p: F.cross_entropy(functional_call(model, p, (xs,)), y))(params)
+        return sum(g.sum() for g in grads.values())
+
+    influence = grad(summed_param_grads)(x.detach())
+    per_sample = (mask * influence * func_input_gradients(model, x)).square().sum((1, 2, 3))
+    want = per_sample.mean() if reduction == "mean" else per_sample.sum()
+    assert want.item() > 0
+    torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-14)
+    value.backward()
+    assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_bad_inputs_name_the_argument():
+    model = small_net()
+    x, mask, y = data()
+    with pytest.raises(ValueError, match="inputs must require grad"):
+        xd = x.detach()
+        rrr_penalty(model(xd), xd, mask)
+    with pytest.raises(ValueError, match="mask shape"):
+        rrr_penalty(model(x), x, mask[:2])
+    with pytest.raises(ValueError, match="mask contains NaN"):
+        rrr_penalty(model(x), x, mask * float("nan"))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        rrr_penalty(model(x), x, mask, reduction="max")
+    with pytest.raises(ValueError, match="parameters must contain"):
+        rbr_penalty(model(x), x, mask, y, [])
