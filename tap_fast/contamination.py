@@ -89,13 +89,13 @@ def _corner_templates(bitmap: torch.Tensor, height: int, width: int, margin: int
     return out
 
 
-def add_decoys(images: torch.Tensor, signal: torch.Tensor, *, generator: torch.Generator | None = None,
-               size: int = DECOY_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST decoys (section 5.1, after Ross et al. 2017): a ``size`` x ``size`` patch in a random one of
-    the four corners, value 255 - 25 * signal (signal in 0..10)."""
+def add_decoys(images: torch.Tensor, signal: torch.Tensor, *, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST decoys (section 5.1, after Ross et al. 2017): a 4x4 patch in a random one of the four
+    corners, value 255 - 25 * signal (signal in 0..10)."""
     images = _check_images(images)
     signal = _check_signal(signal, images.shape[0], 11, images.device)
-    patch = torch.ones(size, size, dtype=torch.bool)
+    patch = torch.ones(DECOY_SIZE, DECOY_SIZE, dtype=torch.bool)
     templates = _corner_templates(patch, images.shape[-2], images.shape[-1], margin=0)
     corner = _draw(4, images.shape[0], generator, images.device)
     return _write(images, templates, corner, 255 - 25 * signal)

@@ -1,0 +1,422 @@
+"""The paper's data sets (section 5.1) as uint8 tensors, read from local files only (nothing downloads).
+
+- ``digits``: scikit-learn's embedded 8x8 digits, scaled to 0..255 and resized to 28x28, with a fixed
+  stratified 80/20 train/test split (seed 0, so the test set does not change with ``seed``).
+- ``mnist``: ``mnist.npz`` (x_train, y_train, x_test, y_test) or the four IDX files (optionally .gz), in
+  data_dir or data_dir/MNIST/raw.
+- ``pneumoniamnist``: the MedMNIST npz (train/val/test_images, *_labels (N, 1)), with its own val split.
+- ``pneu``: Kermany et al.'s chest X-rays, ``{train,test}/{NORMAL,PNEUMONIA}/*.jpeg``; a published
+  ``val/`` folder (16 images) is merged into train, as the paper counts 5,232 = 5,216 + 16 training images.
+- ``knee``: Chen et al.'s KL-graded knee X-rays, ``{train,val,test}/{0,1,2,3,4}/*.png``; the published
+  val folder is the val split (train + val + test = the paper's 8,260 images).
+
+Except where a published val split is used (pneumoniamnist, knee), ``val_fraction`` of train is held out
+for validation, stratified by class; ``limit_train`` then subsamples train, also stratified. Both use
+``seed``. Image folders are decoded with Pillow to greyscale, centre-cropped to a square and resized
+(bilinear, antialiased) to ``image_size`` (default 224).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("digits", "mnist", "pneumoniamnist", "pneu", "knee")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    num_classes: int
+    metric: str
+    contamination: str
+    class_names: tuple[str, ...]
+    mean_std: tuple[float, float] | None  # None: computed from the train split
+
+
+_SPECS = {
+    "digits": _Spec(10, "accuracy", "decoy", tuple("0123456789"), None),
+    "mnist": _Spec(10, "accuracy", "decoy", tuple("0123456789"), (0.1307, 0.3081)),
+    "pneumoniamnist": _Spec(2, "f1", "tag", ("normal", "pneumonia"), None),
+    "pneu": _Spec(2, "f1", "tag", ("NORMAL", "PNEUMONIA"), (0.5711, 0.1523)),
+    "knee": _Spec(5, "mae", "tag", ("0", "1", "2", "3", "4"), (0.5549, 0.2232)),
+}
+
+# Image-folder layouts: the splits that must exist and, per dataset, a split merged into another.
+_FOLDER_SPLITS = {"pneu": ("train", "test"), "knee": ("train", "val", "test")}
+_FOLDER_MERGE = {"pneu": {"val": "train"}, "knee": {}}
+
+
+@dataclass
+class Split:
+    """Images (N, 1, H, W) uint8 and labels (N,) int64."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 \
+                or self.images.dim() != 4 or self.images.shape[1] != 1:
+            got = (self.images.dtype, tuple(self.images.shape)) if isinstance(self.images, torch.Tensor) \
+                else type(self.images).__name__
+            raise ValueError(f"images must be a uint8 tensor of shape (N, 1, H, W), got {got}")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 \
+                or self.labels.shape != self.images.shape[:1]:
+            got = (self.labels.dtype, tuple(self.labels.shape)) if isinstance(self.labels, torch.Tensor) \
+                else type(self.labels).__name__
+            raise ValueError(f"labels must be an int64 tensor of shape ({self.images.shape[0]},), got {got}")
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Dataset:
+    """A data set's splits and the facts training needs about it (section 5.1)."""
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: float  # normalisation of images / 255
+    std: float
+    metric: str  # "accuracy", "f1" or "mae"
+    contamination: str  # default contamination kind: "decoy" or "tag"
+    class_names: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line per split with its size and per-class counts."""
+        h, w = self.train.images.shape[-2:]
+        lines = [f"{self.name}: {self.num_classes} classes {self.class_names}, {h}x{w} px, "
+                 f"mean {self.mean:.4f} std {self.std:.4f}"]
+        for part in ("train", "val", "test"):
+            split = getattr(self, part)
+            lines.append(f"  {part}: {len(split)} images, per class {split.class_counts(self.num_classes)}")
+        return "\n".join(lines)
+
+
+def _stratified_take(labels: torch.Tensor, n_take: int, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (sorted) of a random class-stratified subset of size n_take, and of the rest.
+
+    Each class contributes n_take * count / N images, rounded by largest remainder."""
+    labels = labels.cpu()
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * n_take / len(labels)
+    take = quota.floor().long()
+    extra = int(n_take - take.sum())
+    take[torch.argsort(take - quota, stable=True)[:extra]] += 1
+    taken = [torch.zeros(0, dtype=torch.long)]
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = (labels == c).nonzero().flatten()
+        taken.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
+    taken = torch.cat(taken).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[taken] = False
+    return taken, keep.nonzero().flatten()
+
+
+def clean_split(split: Split, fraction: float, *, seed: int = 0) -> tuple[Split, Split]:
+    """(a class-stratified held-out split of round(fraction * N) images, the rest): the small clean data
+    set a teacher is pre-trained on (section 4.2 and 5.4: 10% or 1% of the data)."""
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}")
+    n = round(fraction * len(split))
+    if not 0 < n < len(split):
+        raise ValueError(f"fraction {fraction} of {len(split)} images leaves an empty part ({n} held out)")
+    held, rest = _stratified_take(split.labels, n, torch.Generator().manual_seed(seed))
+    return split.subset(held), split.subset(rest)
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 (N, 1, H, W) images to size x size, in chunks."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+           .round_().clamp_(0, 255).to(torch.uint8) for c in images.split(chunk)]
+    return torch.cat(out) if out else images.new_zeros(0, 1, size, size)
+
+
+def _pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of images / 255."""
+    total = total_sq = 0.0
+    for c in images.flatten().split(1 << 22):
+        c = c.double() / 255
+        total += float(c.sum())
+        total_sq += float((c * c).sum())
+    n = images.numel()
+    mean = total / n
+    return mean, max(total_sq / n - mean * mean, 0.0) ** 0.5
+
+
+def _as_split(images: np.ndarray, labels: np.ndarray, source: str, num_classes: int) -> Split:
+    """A Split from (N, H, W) uint8 images and (N,) or (N, 1) integer labels, checked."""
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"{source}: images must be uint8 of shape (N, H, W), got {images.dtype} {images.shape}")
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    if labels.shape != (len(images), 1) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{source}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    return Split(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1),
+                 torch.from_numpy(labels[:, 0].astype(np.int64)))
+
+
+def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise ValueError(f"{path} lacks arrays {missing}; it holds {sorted(data.files)}")
+            return {k: data[k] for k in keys}
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path} as an npz file: {e}") from e
+
+
+# --- digits ---------------------------------------------------------------------------------------------
+
+def _load_digits() -> tuple[Split, Split]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("dataset 'digits' needs scikit-learn (pip install scikit-learn, or the "
+                          "tap_fast[digits] extra)") from e
+    bunch = load_digits()
+    images = np.round(bunch.images * (255 / 16)).astype(np.uint8)
+    full = _as_split(images, bunch.target, "sklearn load_digits", 10)
+    full = Split(_resize(full.images, 28), full.labels)
+    test, train = _stratified_take(full.labels, round(0.2 * len(full)), torch.Generator().manual_seed(0))
+    return full.subset(train), full.subset(test)
+
+
+# --- MNIST ----------------------------------------------------------------------------------------------
+
+_MNIST_IDX = {"x_train": ("train-images", "idx3"), "y_train": ("train-labels", "idx1"),
+              "x_test": ("t10k-images", "idx3"), "y_test": ("t10k-labels", "idx1")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file of unsigned bytes (LeCun's MNIST format; gzip-compressed if it ends in .gz)."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read IDX file {path}: {e}") from e
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex()!r}, "
+                         "expected 000008xx)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    payload = data[4 + 4 * ndim:]
+    if len(payload) != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says shape {dims} ({int(np.prod(dims))} bytes) but it holds "
+                         f"{len(payload)} bytes of data")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims).copy()
+
+
+def _find_idx(folder: Path, stem: str, kind: str) -> Path | None:
+    for sep in ("-", "."):
+        for gz in ("", ".gz"):
+            path = folder / f"{stem}{sep}{kind}-ubyte{gz}"
+            if path.is_file():
+                return path
+    return None
+
+
+def _mnist_splits(arrays: dict[str, np.ndarray], source: str) -> tuple[Split, Split]:
+    return (_as_split(arrays["x_train"], arrays["y_train"], f"{source} (train)", 10),
+            _as_split(arrays["x_test"], arrays["y_test"], f"{source} (test)", 10))
+
+
+def _load_mnist(root: Path) -> tuple[Split, Split]:
+    if root.is_file():
+        return _mnist_splits(_load_npz(root, tuple(_MNIST_IDX)), str(root))
+    folders = [root, root / "MNIST" / "raw"]
+    for folder in folders:
+        if (folder / "mnist.npz").is_file():
+            return _mnist_splits(_load_npz(folder / "mnist.npz", tuple(_MNIST_IDX)), str(folder / "mnist.npz"))
+        paths = {k: _find_idx(folder, *v) for k, v in _MNIST_IDX.items()}
+        if all(paths.values()):
+            return _mnist_splits({k: read_idx(p) for k, p in paths.items()}, f"IDX files in {folder}")
+        if any(paths.values()):
+            missing = ["-".join(_MNIST_IDX[k]) + "-ubyte" for k, p in paths.items() if p is None]
+            raise FileNotFoundError(f"mnist: {folder} holds only some of the IDX files; missing {missing}")
+    raise FileNotFoundError(
+        f"mnist: no data in {root}: expected mnist.npz (x_train, y_train, x_test, y_test) or the IDX files "
+        f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+        f"(optionally .gz) in {' or '.join(str(f) for f in folders)}. tap_fast never downloads data: copy "
+        "the files there first")
+
+
+# --- PneumoniaMNIST -------------------------------------------------------------------------------------
+
+def _load_pneumoniamnist(root: Path) -> tuple[Split, Split, Split]:
+    path = root if root.is_file() else root / "pneumoniamnist.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"pneumoniamnist: expected the MedMNIST file {path} (train_images, "
+                                "train_labels, val_*, test_*); tap_fast never downloads data")
+    keys = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels"))
+    arrays = _load_npz(path, keys)
+    return tuple(_as_split(arrays[f"{s}_images"], arrays[f"{s}_labels"], f"{path} ({s})", 2)
+                 for s in ("train", "val", "test"))
+
+
+# --- image folders (pneu, knee) -------------------------------------------------------------------------
+
+def _layout(name: str) -> str:
+    classes = ",".join(_SPECS[name].class_names)
+    merge = "".join(f" (an optional {a}/ is merged into {b}/)" for a, b in _FOLDER_MERGE[name].items())
+    return f"{{{','.join(_FOLDER_SPLITS[name])}}}/{{{classes}}}/*{{{','.join(IMAGE_SUFFIXES)}}}{merge}"
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _list_folder(name: str, root: Path) -> dict[str, list[tuple[Path, int]]]:
+    """(path, label) per split of an image-folder data set; any deviation from the layout raises."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: data_dir {root} is not a directory; expected the layout {_layout(name)}")
+    found = [p.name for p in _visible(root)]
+    splits = {s: s for s in _FOLDER_SPLITS[name]}
+    splits.update({a: b for a, b in _FOLDER_MERGE[name].items() if (root / a).is_dir()})
+    missing = [s for s in _FOLDER_SPLITS[name] if not (root / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{name}: {root} lacks the split folders {missing}; expected the layout "
+                                f"{_layout(name)}, found {found}")
+    classes = _SPECS[name].class_names
+    out: dict[str, list[tuple[Path, int]]] = {s: [] for s in _FOLDER_SPLITS[name]}
+    for folder_name, split in splits.items():
+        folder = root / folder_name
+        entries = [p.name for p in _visible(folder)]
+        if sorted(entries) != sorted(classes):
+            kind = FileNotFoundError if set(classes) - set(entries) else ValueError
+            raise kind(f"{name}: {folder} must hold exactly the class folders {list(classes)} "
+                       f"(layout {_layout(name)}), found {entries}")
+        for label, cls in enumerate(classes):
+            files = _visible(folder / cls)
+            bad = [p.name for p in files if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES]
+            if bad:
+                raise ValueError(f"{name}: {folder / cls} holds entries that are not {IMAGE_SUFFIXES} images: "
+                                 f"{bad[:5]}")
+            if not files:
+                raise ValueError(f"{name}: class folder {folder / cls} holds no images")
+            out[split] += [(p, label) for p in files]
+    return out
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """Greyscale, centre-cropped to a square and resized (bilinear, antialiased) to size x size."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise ValueError(f"mode {img.mode!r} (16-bit or float) is not supported; convert to 8-bit")
+            img = img.convert("L")
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _cache_path(name: str, root: Path, size: int, files: dict, cache_dir: Path) -> Path:
+    listing = [[s, str(p.relative_to(root)), y, p.stat().st_size, p.stat().st_mtime_ns]
+               for s, items in files.items() for p, y in items]
+    digest = hashlib.sha256(json.dumps([name, str(root.resolve()), size, listing]).encode()).hexdigest()
+    return cache_dir / f"{name}-{size}px-{digest[:16]}.pt"
+
+
+def _load_folder(name: str, root: Path, size: int, cache_dir: str | os.PathLike | None) -> dict[str, Split]:
+    files = _list_folder(name, root)
+    cache = _cache_path(name, root, size, files, Path(cache_dir)) if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        logger.info("%s: reading decoded images from cache %s", name, cache)
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        return {s: Split(saved[s]["images"], saved[s]["labels"]) for s in files}
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        splits = {s: Split(torch.from_numpy(np.stack(list(pool.map(lambda p: _decode(p, size),
+                                                                     [p for p, _ in items])))).unsqueeze(1),
+                           torch.tensor([y for _, y in items], dtype=torch.int64))
+                  for s, items in files.items()}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({s: {"images": v.images, "labels": v.labels} for s, v in splits.items()}, tmp)
+        tmp.replace(cache)
+    return splits
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
+                 limit_train: int | None = None, val_fraction: float = 0.1, seed: int = 0,
+                 cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load data set ``name`` (one of DATASETS) from ``data_dir`` (not needed for "digits").
+
+    image_size: side of the returned square images; default 28 for digits and mnist, the file's for
+        pneumoniamnist, 224 for pneu and knee. Resizing is bilinear and antialiased.
+    limit_train: keep at most this many training images (stratified, after the val split).
+    val_fraction: share of train held out for validation; unused for pneumoniamnist and knee, which have
+        published val splits.
+    seed: seeds the val split and ``limit_train``.
+    cache_dir: pneu and knee only: keep decoded tensors there, keyed by the file listing and image_size.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)
+                                   or image_size < 1):
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    if limit_train is not None and (not isinstance(limit_train, int) or isinstance(limit_train, bool)
+                                    or limit_train < 1):
+        raise ValueError(f"limit_train must be a positive int or None, got {limit_train!r}")
+    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    if name != "digits" and data_dir is None:
+        raise ValueError(f"data_dir is required for dataset {name!r} (only 'digits' is embedded)")
+    spec = _SPECS[name]
+    root = Path(data_dir) if data_dir is not None else None
+    val = None
+    if name == "digits":
+        train, test = _load_digits()
+    elif name == "mnist":
+        train, test = _load_mnist(root)
+    elif name == "pneumoniamnist":
+        train, val, test = _load_pneumoniamnist(root)
+    else:
+        splits = _load_folder(name, root, image_size or 224, cache_dir)
+        train, val, test = splits["train"], splits.get("val"), splits["test"]
+    if image_size is not None:
+        train, test = (Split(_resize(s.images, image_size), s.labels) for s in (train, test))
+        val = Split(_resize(val.images, image_size), val.labels) if val is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    if val is None:
+        held, rest = _stratified_take(train.labels, round(val_fraction * len(train)), generator)
+        train, val = train.subset(rest), train.subset(held)
+    mean, std = spec.mean_std or _pixel_stats(train.images)
+    if limit_train is not None and limit_train < len(train):
+        train = train.subset(_stratified_take(train.labels, limit_train, generator)[0])
+    dataset = Dataset(name, train, val, test, spec.num_classes, mean, std, spec.metric, spec.contamination,
+                      spec.class_names)
+    logger.info("%s", dataset.summary())
+    return dataset

@@ -1,0 +1,361 @@
+"""Contaminations of section 5.1 / Appendix F and the embedded glyph font: exact pixels, masks, randomness."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tap_fast.contamination import (KINDS, KNEE_TAGS, PNEU_TAGS, add_decoys, add_stripes, add_text_tags,
+                                    contaminate, permuted_signal, signal_permutation, stripe_step)
+from tap_fast.glyphs import CHARS, glyph, render, scale_for_height
+
+
+def _images(n, h, w, c=1, seed=0):
+    """Random uint8 images over the full 0..255 range (so a written value can coincide with the old one)."""
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _bbox(mask2d):
+    rows, cols = mask2d.any(1).nonzero().flatten(), mask2d.any(0).nonzero().flatten()
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _corner(mask2d, bitmap, margin):
+    """Which corner (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) ``mask2d`` holds ``bitmap``
+    at, ``margin`` px from both edges; None if it is not exactly that."""
+    (h, w), (H, W) = bitmap.shape, mask2d.shape
+    for i, (top, left) in enumerate([(margin, margin), (margin, W - margin - w), (H - margin - h, margin),
+                                     (H - margin - h, W - margin - w)]):
+        expected = torch.zeros(H, W, dtype=torch.bool)
+        expected[top:top + h, left:left + w] = bitmap
+        if torch.equal(mask2d.bool(), expected):
+            return i
+    return None
+
+
+def _check_written(x, out, mask, values):
+    """out equals values (per image) exactly on the mask and x everywhere else."""
+    assert out.dtype == torch.uint8 and mask.dtype == torch.uint8
+    assert mask.shape == (x.shape[0], 1, *x.shape[-2:]) and out.shape == x.shape
+    assert set(mask.unique().tolist()) <= {0, 1}
+    m = mask.bool().expand_as(x)
+    expected = torch.where(m, values.to(torch.uint8).view(-1, 1, 1, 1).expand_as(x), x)
+    assert torch.equal(out, expected)
+
+
+# --- glyphs ---------------------------------------------------------------------------------------------
+
+def test_font_has_distinct_glyphs_for_all_letters_and_digits():
+    assert set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") <= set(CHARS)
+    bitmaps = {c: glyph(c) for c in CHARS if c != " "}
+    for c, g in bitmaps.items():
+        assert g.shape == (7, 5) and g.dtype == torch.bool and g.any(), c
+    keys = [tuple(g.flatten().tolist()) for g in bitmaps.values()]
+    assert len(set(keys)) == len(keys)
+    assert not glyph(" ").any()
+
+
+def test_render_is_scaled_and_thickened_glyphs():
+    for text, height in [("ABC", 22), ("XYZ", 22), ("MNO", 45), ("Q7", 8)]:
+        scale, bold = scale_for_height(height)
+        out = render(text, height)
+        assert out.dtype == torch.bool
+        assert out.shape == (7 * scale + bold, len(text) * (5 * scale + bold) + (len(text) - 1) * scale)
+        for i, c in enumerate(text):
+            x0 = i * (6 * scale + bold)
+            big = glyph(c).repeat_interleave(scale, 0).repeat_interleave(scale, 1).float()[None, None]
+            # bold: dilation by a (bold+1)^2 square towards the bottom-right
+            ref = F.max_pool2d(F.pad(big, (bold, bold, bold, bold)), bold + 1, stride=1)[0, 0]
+            assert torch.equal(out[:, x0:x0 + 5 * scale + bold], ref.bool()), (text, c)
+            if i:  # an empty gap of `scale` columns between glyphs
+                assert not out[:, x0 - scale:x0].any()
+
+
+def test_render_height_is_22_px_at_224_and_monospace():
+    assert render("ABC", 22).shape == (22, 54)
+    assert render("III", 22).shape == render("MMM", 22).shape == render("ABC", 22).shape
+    i = render("I", 22)
+    assert int(i[10].sum()) == 4  # the stem of "I": 3 px scaled + 1 px bold
+    for height in range(1, 60):
+        scale, bold = scale_for_height(height)
+        h = 7 * scale + bold
+        for other in (scale - 1, scale + 1):
+            if other >= 1:
+                assert abs(h - height) <= abs(7 * other + max(1, other // 3) - height)
+
+
+def test_render_rejects_bad_input():
+    with pytest.raises(ValueError, match="without a glyph"):
+        render("abc", 22)
+    with pytest.raises(ValueError, match="text"):
+        render("", 22)
+    with pytest.raises(ValueError, match="height"):
+        render("A", 0)
+    with pytest.raises(ValueError, match="char"):
+        glyph("?")
+
+
+# --- decoys ---------------------------------------------------------------------------------------------
+
+def test_decoys_write_a_4x4_patch_valued_255_minus_25y_in_a_corner():
+    x = _images(64, 28, 28)
+    signal = torch.arange(64) % 10
+    out, mask = add_decoys(x, signal, generator=torch.Generator().manual_seed(1))
+    _check_written(x, out, mask, 255 - 25 * signal)
+    for m in mask[:, 0]:
+        top, bottom, left, right = _bbox(m)
+        assert int(m.sum()) == 16 and (bottom - top, right - left) == (4, 4)
+        assert top in (0, 24) and left in (0, 24)
+
+
+def test_decoy_corners_are_random_and_seeded():
+    x, signal = _images(400, 28, 28), torch.randint(0, 10, (400,))
+    _, mask = add_decoys(x, signal, generator=torch.Generator().manual_seed(3))
+    corners = [(_bbox(m)[0], _bbox(m)[2]) for m in mask[:, 0]]
+    counts = {c: corners.count(c) for c in set(corners)}
+    assert set(counts) == {(0, 0), (0, 24), (24, 0), (24, 24)} and min(counts.values()) > 60
+    again = add_decoys(x, signal, generator=torch.Generator().manual_seed(3))
+    other = add_decoys(x, signal, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(again[1], mask) and not torch.equal(other[1], mask)
+
+
+def test_decoys_write_every_channel():
+    x = _images(8, 28, 28, c=3)
+    signal = torch.arange(8)
+    out, mask = add_decoys(x, signal, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (8, 1, 28, 28)
+    _check_written(x, out, mask, 255 - 25 * signal)
+
+
+# --- text tags ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tags", [PNEU_TAGS, KNEE_TAGS])
+def test_tags_write_white_glyphs_of_the_signal_in_a_corner(tags):
+    x = _images(24, 224, 224)
+    signal = torch.arange(24) % len(tags)
+    out, mask = add_text_tags(x, signal, tags, generator=torch.Generator().manual_seed(2))
+    _check_written(x, out, mask, torch.full((24,), 255))
+    corners = []
+    for m, s in zip(mask[:, 0], signal.tolist()):
+        glyphs = render(tags[s], 22)
+        assert glyphs.shape[0] == 22  # "about 22 px high" on 224x224
+        corners.append(_corner(m, glyphs, margin=6))
+    assert None not in corners and len(set(corners)) > 1
+
+
+def test_tags_differ_by_label():
+    x = _images(2, 224, 224)
+    masks = [add_text_tags(x, torch.full((2,), s), KNEE_TAGS, generator=torch.Generator().manual_seed(0))[1]
+             for s in range(5)]
+    for a in range(5):
+        for b in range(a + 1, 5):
+            assert not torch.equal(masks[a], masks[b])
+
+
+def test_tag_corners_are_random_and_seeded():
+    x, signal = _images(200, 64, 64), torch.randint(0, 2, (200,))
+    _, mask = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(5))
+    corners = [_corner(m, render(PNEU_TAGS[s], 6), margin=2) for m, s in zip(mask[:, 0], signal.tolist())]
+    assert sorted(set(corners)) == [0, 1, 2, 3] and min(corners.count(c) for c in range(4)) > 25
+    assert torch.equal(add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(5))[1], mask)
+    assert not torch.equal(add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(6))[1],
+                           mask)
+
+
+@pytest.mark.parametrize("size", [28, 64, 112, 160])
+def test_tag_height_and_margin_scale_with_image_size(size):
+    x = _images(6, size, size)
+    signal = torch.arange(6) % 2
+    out, mask = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(0))
+    _check_written(x, out, mask, torch.full((6,), 255))
+    target = max(5, round(22 * size / 224))
+    margin = max(1, round(6 * size / 224))
+    scale, bold = scale_for_height(target)
+    for m, s in zip(mask[:, 0], signal.tolist()):
+        glyphs = render(PNEU_TAGS[s], target)
+        assert glyphs.shape[0] == 7 * scale + bold
+        assert _corner(m, glyphs, margin) is not None
+    _, mask = add_text_tags(x, signal, PNEU_TAGS, height=8, generator=torch.Generator().manual_seed(0))
+    assert all(_bbox(m)[1] - _bbox(m)[0] == 8 for m in mask[:, 0])
+
+
+def test_tags_reject_bad_arguments():
+    x = _images(2, 64, 64)
+    with pytest.raises(ValueError, match="distinct"):
+        add_text_tags(x, torch.tensor([0, 1]), ("ABC", "ABC"))
+    with pytest.raises(ValueError, match="tags"):
+        add_text_tags(x, torch.tensor([0, 1]), "ABC")
+    with pytest.raises(ValueError, match="signal"):
+        add_text_tags(x, torch.tensor([0, 2]), PNEU_TAGS)
+    with pytest.raises(ValueError, match="does not fit"):
+        add_text_tags(_images(2, 10, 10), torch.tensor([0, 1]), PNEU_TAGS)
+
+
+# --- stripes --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_classes, step", [(2, 127), (5, 51)])
+def test_stripes_are_6px_full_height_near_an_edge_with_class_brightness(num_classes, step):
+    x = _images(200, 32, 224)  # stripe geometry follows the width; a short height keeps this fast
+    signal = torch.arange(200) % num_classes
+    out, mask = add_stripes(x, signal, num_classes, generator=torch.Generator().manual_seed(7))
+    _check_written(x, out, mask, 255 - step * signal)
+    positions = []
+    for m in mask[:, 0].bool():
+        cols = m.any(0).nonzero().flatten()
+        assert len(cols) == 6 and int(cols[-1] - cols[0]) == 5  # one contiguous 6 px stripe
+        assert m[:, cols].all()  # full height
+        left, right = int(cols[0]), 224 - int(cols[-1]) - 1
+        assert min(left, right) <= 15
+        positions.append(("L", left) if left <= 15 else ("R", right))
+    assert {side for side, _ in positions} == {"L", "R"}
+    assert len(set(positions)) >= 24  # 32 possible (side, offset) pairs
+    assert {off for _, off in positions} == set(range(16))
+
+
+def test_stripe_step_and_small_images():
+    assert [stripe_step(k) for k in (2, 3, 5, 11)] == [127, 127, 51, 25]
+    x = _images(40, 28, 28)
+    signal = torch.arange(40) % 3
+    out, mask = add_stripes(x, signal, 3, generator=torch.Generator().manual_seed(0))
+    _check_written(x, out, mask, 255 - 127 * signal)
+    for m in mask[:, 0].bool():
+        cols = m.any(0).nonzero().flatten().tolist()
+        assert len(cols) == 1 and min(cols[0], 27 - cols[0]) <= 2  # width 6*28/224 -> 1, offset 15*28/224 -> 2
+    with pytest.raises(ValueError, match="num_classes"):
+        stripe_step(1)
+
+
+# --- permutations ---------------------------------------------------------------------------------------
+
+def test_signal_permutation_is_never_the_identity():
+    assert signal_permutation(2).tolist() == [1, 0]
+    perms = set()
+    for seed in range(30):
+        p = signal_permutation(5, generator=torch.Generator().manual_seed(seed))
+        assert sorted(p.tolist()) == list(range(5)) and p.tolist() != list(range(5))
+        perms.add(tuple(p.tolist()))
+    assert len(perms) > 10
+    for seed in range(30):  # 3 classes: identity has probability 1/6 per draw
+        assert signal_permutation(3, generator=torch.Generator().manual_seed(seed)).tolist() != [0, 1, 2]
+
+
+def test_permuted_signal_maps_each_label_to_one_other_signal():
+    labels = torch.randint(0, 5, (300,))
+    signal = permuted_signal(labels, 5, generator=torch.Generator().manual_seed(0))
+    perm = [int(signal[labels == y].unique().item()) for y in range(5)]  # one signal per label
+    assert sorted(perm) == list(range(5)) and perm != list(range(5))
+    assert torch.equal(permuted_signal(torch.tensor([0, 1, 1, 0]), 2), torch.tensor([1, 0, 0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        permuted_signal(torch.tensor([0, 5]), 5)
+
+
+# --- contaminate ----------------------------------------------------------------------------------------
+
+def _data(kind, n=60, num_classes=5):
+    size = 28 if kind == "decoy" else 96
+    return _images(n, size, size, seed=11), torch.arange(n) % num_classes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clean_variant_returns_unchanged_images(kind):
+    x, y = _data(kind)
+    out, mask = contaminate(x, y, kind, 5, variant="clean", seed=3)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert mask.shape == (60, 1, *x.shape[-2:]) and mask.dtype == torch.uint8 and not mask.any()
+
+
+def _signal_values(out, mask):
+    """The value written at each image's masked pixels (one per image)."""
+    return torch.stack([o[0][m[0].bool()].unique().squeeze() for o, m in zip(out, mask)])
+
+
+@pytest.mark.parametrize("kind", ["decoy", "stripe"])
+def test_permuted_variant_changes_the_assignment_at_the_same_positions(kind):
+    x, y = _data(kind)
+    out, mask = contaminate(x, y, kind, 5, variant="contaminated", seed=4)
+    pout, pmask = contaminate(x, y, kind, 5, variant="permuted", seed=4)
+    step = 25 if kind == "decoy" else 51
+    assert torch.equal(_signal_values(out, mask), 255 - step * y)
+    assert torch.equal(pmask, mask)  # same positions, other signal
+    values = _signal_values(pout, pmask)
+    perm = [(255 - int(values[y == c].unique().item())) // step for c in range(5)]
+    assert sorted(perm) == list(range(5)) and any(p != c for c, p in enumerate(perm))
+    _check_written(x, pout, pmask, values)
+
+
+@pytest.mark.parametrize("num_classes, tags", [(2, PNEU_TAGS), (5, KNEE_TAGS)])
+def test_tag_variants_use_default_tags_and_permute_them(num_classes, tags):
+    x, y = _data("tag", num_classes=num_classes)
+    glyphs = [render(t, round(22 * 96 / 224)) for t in tags]
+
+    def carried(mask):
+        return torch.tensor([next(i for i, g in enumerate(glyphs) if _corner(m, g, margin=3) is not None)
+                             for m in mask[:, 0]])
+
+    out, mask = contaminate(x, y, "tag", num_classes, seed=1)
+    assert torch.equal(carried(mask), y)
+    _check_written(x, out, mask, torch.full((60,), 255))
+    pout, pmask = contaminate(x, y, "tag", num_classes, variant="permuted", seed=1)
+    signal = carried(pmask)
+    perm = [int(signal[y == c].unique().item()) for c in range(num_classes)]
+    assert sorted(perm) == list(range(num_classes)) and perm != list(range(num_classes))
+    _check_written(x, pout, pmask, torch.full((60,), 255))
+    custom, cmask = contaminate(x, y, "tag", num_classes, seed=1, tags=tuple("QRSTUVWXYZ"[:num_classes]))
+    assert not torch.equal(cmask, mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_contaminate_is_deterministic_per_seed(kind):
+    x, y = _data(kind)
+    for variant in ("contaminated", "permuted"):
+        a = contaminate(x, y, kind, 5, variant=variant, seed=8)
+        b = contaminate(x, y, kind, 5, variant=variant, seed=8)
+        c = contaminate(x, y, kind, 5, variant=variant, seed=9)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not torch.equal(a[1], c[1])
+
+
+def test_contaminate_rejects_bad_arguments():
+    x, y = _data("decoy")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        contaminate(x, y, "patch", 5)
+    with pytest.raises(ValueError, match="variant"):
+        contaminate(x, y, "decoy", 5, variant="shuffled")
+    with pytest.raises(TypeError, match="uint8"):
+        contaminate(x.float(), y, "decoy", 5)
+    with pytest.raises(ValueError, match="shape"):
+        contaminate(x[:, 0], y, "decoy", 5)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        contaminate(x, y + 1, "decoy", 5)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        contaminate(x, y[:-1], "decoy", 5)
+    with pytest.raises(TypeError, match="integer"):
+        contaminate(x, y.float(), "decoy", 5)
+    with pytest.raises(ValueError, match="tags apply"):
+        contaminate(x, y, "decoy", 5, tags=KNEE_TAGS)
+    with pytest.raises(ValueError, match="tags must be given"):
+        contaminate(x, y % 3, "tag", 3)
+    with pytest.raises(ValueError, match="one string per class"):
+        contaminate(_images(60, 96, 96), y, "tag", 5, tags=PNEU_TAGS)
+    with pytest.raises(ValueError, match="num_classes"):
+        contaminate(x, y * 0, "decoy", 1)
+    with pytest.raises(ValueError, match=r"signal must lie in \[0, 11\)"):
+        add_decoys(x[:2], torch.tensor([0, 11]))
+
+
+def test_empty_batch():
+    out, mask = contaminate(_images(0, 28, 28), torch.zeros(0, dtype=torch.long), "decoy", 10)
+    assert out.shape == (0, 1, 28, 28) and mask.shape == (0, 1, 28, 28)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_matches_cpu(kind):
+    x, y = _data(kind)
+    for variant in ("contaminated", "permuted", "clean"):
+        cpu = contaminate(x, y, kind, 5, variant=variant, seed=2)
+        gpu = contaminate(x.cuda(), y.cuda(), kind, 5, variant=variant, seed=2)
+        assert gpu[0].is_cuda and gpu[1].is_cuda
+        assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    out, mask = add_decoys(_images(4, 28, 28).cuda(), torch.arange(4, device="cuda"), generator=generator)
+    assert out.is_cuda and int(mask.sum()) == 64
