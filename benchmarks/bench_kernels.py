@@ -1,0 +1,35 @@
+"""pytest-benchmark: fused Triton TAP vs eager reference vs torch.compile(reference), forward and
+forward+backward, on a few tap shapes of ``kernel_table.MODELS``. Skipped without CUDA.
+
+    python -m pytest benchmarks/bench_kernels.py --benchmark-group-by=param:model,param:batch,param:dtype
+(``benchmarks/kernel_table.py`` prints the full table with bandwidths.)
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("the kernel benchmarks need a CUDA device", allow_module_level=True)
+
+from kernel_table import IMPLS, make_impl, make_inputs  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONFIGS = [("cnn2", 256), ("resnet18", 16), ("resnet18", 128), ("vgg16", 16), ("densenet121", 128)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("model,batch", CONFIGS)
+@pytest.mark.parametrize("phase", ["fwd", "fwd_bwd"])
+def test_tap_penalty(benchmark, phase, model, batch, dtype, impl):
+    zs, mask = make_inputs(model, batch, DTYPES[dtype], torch.device("cuda"))
+    penalty = make_impl(impl, "l1")
+
+    def run():
+        p = penalty(zs, mask)
+        if phase == "fwd_bwd":
+            torch.autograd.grad(p, zs)
+        torch.cuda.synchronize()
+
+    run()  # compile / warm up
+    benchmark(run)

@@ -1,0 +1,261 @@
+"""Fused Triton TAP (kernels/) against the plain-PyTorch reference: D maps, values and gradients.
+
+CPU runs use Triton's interpreter (TRITON_INTERPRET=1, set by conftest), mostly fp32, on tiny grids; the
+same tests run on CUDA in fp32 and bf16 when a GPU is present and the interpreter is off
+(TRITON_INTERPRET=0, as benchmarks/gpu_check.sh sets it).
+Tolerances: D maps are bit-identical (same fp32 summation order and IEEE divisions as torch), except a
+1 x 1 map of soft values, which torch computes with mean() (rtol 1e-5). Penalty values differ from the
+reference only in fp32 summation order: rtol 1e-5 (1e-4 when some Z is half precision). Gradients: fp32
+rtol 1e-5; half precision rounds the same fp32 value once, as the reference does, up to its own fp32
+rounding: rtol 2e-3 (fp16), 1.6e-2 (bf16, two ulps). Re-running gives bit-identical results.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import tap_launch  # noqa: E402
+from kernels.tap_op import fused_downscale_masks, fused_tap_penalty, tap_identity  # noqa: E402
+from tap_fast.masks import downscale_mask, downscale_masks  # noqa: E402
+from tap_fast.tap import tap_penalty, tap_penalty_reference  # noqa: E402
+
+INTERPRET = tap_launch.interpreter_enabled()
+ON_CPU = pytest.mark.skipif(not INTERPRET, reason="Triton on the CPU needs TRITON_INTERPRET=1")
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                               reason="needs a CUDA device with TRITON_INTERPRET=0")]
+DEVICES = [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_CUDA)]
+DEVICE_DTYPES = [pytest.param("cpu", torch.float32, marks=ON_CPU, id="cpu-fp32"),
+                 pytest.param("cuda", torch.float32, marks=ON_CUDA, id="cuda-fp32"),
+                 pytest.param("cuda", torch.bfloat16, marks=ON_CUDA, id="cuda-bf16")]
+
+# (batch, mask H, mask W, [(C_l, H_l, W_l), ...]): non-divisible downscales, odd channel counts, batch 1.
+CASES = {
+    "cnn2": (3, 28, 28, [(5, 14, 14), (7, 6, 6)]),
+    "odd": (2, 13, 17, [(6, 13, 17), (3, 5, 4), (33, 3, 3)]),
+    "batch1": (1, 20, 20, [(4, 7, 9)]),
+}
+
+
+def _tol(dtype):
+    return {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=1e-6),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}[dtype]
+
+
+def _mask(kind, b, h, w, device):
+    if kind == "random":
+        return (torch.rand(b, 1, h, w, device=device) < 0.3).float()
+    if kind == "soft":
+        return torch.rand(b, 1, h, w, device=device)
+    return torch.full((b, 1, h, w), 1.0 if kind == "ones" else 0.0, device=device)
+
+
+def _activations(b, layers, device, dtype, channels_last):
+    zs = []
+    for c, h, w in layers:
+        z = torch.randn(b, c, h, w, device=device)
+        z[z.abs() < 0.1] = 0.0  # exact zeros: relu'(0) must be 0 on both paths
+        z = z.to(dtype)
+        if channels_last:
+            z = z.to(memory_format=torch.channels_last)
+        zs.append(z.requires_grad_())
+    return zs
+
+
+def _check_against_reference(zs, mask, **kw):
+    g = 0.7  # a non-unit incoming gradient checks that the backward reads it
+    ref = tap_penalty_reference(zs, mask, **kw)
+    ref_grads = torch.autograd.grad(ref * g, zs)
+    out = fused_tap_penalty(zs, mask, **kw)
+    grads = torch.autograd.grad(out * g, zs)
+    assert out.dtype == torch.float32 and out.shape == ()
+    all_fp32 = all(z.dtype == torch.float32 for z in zs)
+    torch.testing.assert_close(out, ref, rtol=1e-5 if all_fp32 else 1e-4, atol=1e-6)
+    for z, gr, gf in zip(zs, ref_grads, grads):
+        assert gf.dtype == z.dtype and gf.stride() == torch.empty_like(z).stride()  # Z's memory format
+        torch.testing.assert_close(gf, gr, **_tol(z.dtype))
+    again = fused_tap_penalty(zs, mask, **kw)  # deterministic: no atomics, fixed reduction order
+    assert torch.equal(again, out) and all(map(torch.equal, torch.autograd.grad(again * g, zs), grads))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("norm", ["l1", "l2sq"])
+@pytest.mark.parametrize("compound", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_penalty_matches_reference(device, dtype, case, norm, compound, channels_last):
+    b, h, w, layers = CASES[case]
+    zs = _activations(b, layers, device, dtype, channels_last)
+    mask = _mask("random", b, h, w, device)
+    _check_against_reference(zs, mask, norm=norm, compound=compound)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("kind", ["zeros", "ones", "soft"])
+@pytest.mark.parametrize("norm", ["l1", "l2sq"])
+def test_penalty_mask_kinds(device, dtype, kind, norm):
+    b, h, w, layers = CASES["cnn2"]
+    zs = _activations(b, layers, device, dtype, channels_last=False)
+    _check_against_reference(zs, _mask(kind, b, h, w, device), norm=norm, kernel_size=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_strided_and_mixed_inputs(device):
+    """Non-dense activations (a channel slice, a spatial transpose), an fp16 layer (and a bf16 one on CUDA:
+    the interpreter truncates fp32 -> bf16 casts), a (B, H, W) mask."""
+    base = torch.randn(2, 9, 11, 10, device=device)
+    zs = [base[:, 2:7].requires_grad_(), torch.randn(2, 4, 6, 5, device=device).transpose(2, 3).requires_grad_(),
+          torch.randn(2, 3, 5, 5, device=device, dtype=torch.float16).requires_grad_()]
+    if device == "cuda":
+        zs.append(torch.randn(2, 3, 4, 4, device=device, dtype=torch.bfloat16).requires_grad_())
+    mask = (torch.rand(2, 11, 10, device=device) < 0.4).float()
+    _check_against_reference(zs, mask, norm="l2sq")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ["l1", "l2sq"])
+def test_saves_no_activation_copy(device, norm):
+    """Autograd keeps each Z by reference plus one B x H_l x W_l map per layer, nothing Z-sized."""
+    b, h, w, layers = CASES["odd"]
+    zs = _activations(b, layers, device, torch.float32, channels_last=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_tap_penalty(zs, _mask("random", b, h, w, device), norm=norm)
+    z_ptrs = {z.data_ptr() for z in zs}
+    maps = [t for t in saved if t.data_ptr() not in z_ptrs]
+    assert len(saved) == 2 * len(zs) and {t.data_ptr() for t in saved} >= z_ptrs
+    assert sorted(tuple(t.shape) for t in maps) == sorted((b, hl, wl) for _, hl, wl in layers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,kernel_size", [("random", 1), ("random", 3), ("random", 5), ("soft", 1),
+                                              ("soft", 3), ("soft", 5), ("ones", 3)])
+def test_downscale_bit_identical(device, kind, kernel_size):
+    mask = _mask(kind, 2, 28, 23, device)
+    sizes = [(28, 23), (14, 12), (6, 5), (5, 3), (1, 1)]
+    for compound in (False, True):
+        ours = fused_downscale_masks(mask, sizes, kernel_size, compound)
+        ref = downscale_masks(mask, sizes, kernel_size, compound)
+        for size, o, r in zip(sizes, ours, ref):
+            assert o.dtype == torch.float32 and o.shape == r.shape
+            if size == (1, 1) and (kind == "soft" or compound):
+                # torch computes a 1 x 1 adaptive pool with mean(), in its own summation order
+                torch.testing.assert_close(o, r, rtol=1e-5, atol=0)
+            else:
+                assert torch.equal(o, r), (compound, size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_downscale_large_bins_and_dtypes(device):
+    """224 -> 7 (32 x 32 bins) bit-identical from a bool mask (fp32 D); on CUDA, bf16 masks give bf16 D
+    rounded like the reference (Triton's interpreter truncates fp32 -> bf16 casts, so not on the CPU)."""
+    mask = torch.rand(1, 1, 224, 224, device=device) < 0.2
+    (d,) = fused_downscale_masks(mask, [(7, 7)])
+    assert d.dtype == torch.float32 and torch.equal(d, downscale_mask(mask, (7, 7)))
+    if device == "cuda":
+        soft = torch.rand(2, 13, 13, device=device).to(torch.bfloat16)
+        (d,) = fused_downscale_masks(soft, [(5, 5)])
+        assert d.dtype == torch.bfloat16 and torch.equal(d, downscale_mask(soft, (5, 5)))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("norm", ["l1", "l2sq"])
+def test_identity_form(device, dtype, norm):
+    """tap_identity returns Z itself (no copy) and adds the penalty gradient to the downstream one."""
+    b, c, h, w = 2, 6, 9, 7
+    (z,) = _activations(b, [(c, h, w)], device, dtype, channels_last=norm == "l2sq")
+    mask = _mask("random", b, 19, 15, device)
+    (d,) = fused_downscale_masks(mask, [(h, w)])
+    u = torch.randn(b, c, h, w, device=device)
+    out, penalty = tap_identity(z, d, norm=norm)
+    assert out.data_ptr() == z.data_ptr() and torch.equal(out, z)
+    grad = torch.autograd.grad((out.float() * u).sum() + 0.3 * penalty, z)[0]
+    ref_penalty = tap_penalty_reference([z], mask, norm=norm)
+    ref_grad = torch.autograd.grad((z.float() * u).sum() + 0.3 * ref_penalty, z)[0]
+    torch.testing.assert_close(penalty, ref_penalty, rtol=1e-5 if dtype == torch.float32 else 1e-4, atol=1e-6)
+    # bf16: the reference rounds both summands before adding, we round the sum once; where they cancel, the
+    # difference is about one bf16 ulp of the penalty gradient (<= 0.15 here), not of the small result
+    tol = _tol(dtype) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch(device, monkeypatch):
+    """tap_penalty(backend="triton") runs the fused op; "auto" picks it on CUDA and the reference on the CPU."""
+    import kernels.tap_op
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused_tap_penalty(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.tap_op, "fused_tap_penalty", counting)
+    zs = _activations(2, [(3, 7, 7)], device, torch.float32, channels_last=False)
+    mask = _mask("random", 2, 14, 14, device)
+    ref = tap_penalty(zs, mask, backend="torch")
+    assert not calls
+    fused = tap_penalty(zs, mask, backend="triton")
+    assert len(calls) == 1
+    tap_penalty(zs, mask, backend="auto")
+    assert len(calls) == (3 if device == "cuda" else 1)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the custom ops agree."""
+    zs = _activations(2, [(3, 5, 6), (4, 3, 3)], device, torch.float32, channels_last=False)
+    mask = _mask("random", 2, 11, 12, device)
+    ds = fused_downscale_masks(mask, [(5, 6), (3, 3)])
+    for norm in ("l1", "l2sq"):
+        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, (zs, ds, norm))
+    torch.library.opcheck(torch.ops.tap_fast.downscale_masks.default, (mask, [5, 6, 3, 3], 3, True))
+    g = torch.tensor(0.5, device=device)
+    grad_out = torch.randn(2, 3, 5, 6, device=device)
+    torch.library.opcheck(torch.ops.tap_fast.tap_grad.default, (g, zs[0].detach(), ds[0], 2, grad_out))
+
+
+def test_errors(monkeypatch):
+    z = torch.randn(2, 3, 5, 5, requires_grad=True)
+    mask = _mask("random", 2, 10, 10, "cpu")
+    with pytest.raises(ValueError, match="norm"):
+        fused_tap_penalty([z], mask, norm="l2")
+    with pytest.raises(ValueError, match="kernel_size"):
+        fused_tap_penalty([z], mask, kernel_size=2)
+    with pytest.raises(ValueError, match="exceeds the mask size"):
+        fused_tap_penalty([z], mask[..., :4, :4])
+    with pytest.raises(ValueError, match="d must be"):
+        tap_identity(z, torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="size must lie"):
+        tap_launch.downscale(mask[:, 0], (11, 5), 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fused_tap_penalty([z], mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device with TRITON_INTERPRET=0")
+def test_cuda_graph_capture():
+    """Forward and backward of the fused op replay from a CUDA graph (no host syncs, static shapes)."""
+    zs = _activations(4, [(64, 28, 28), (128, 14, 14)], "cuda", torch.float32, channels_last=False)
+    mask = _mask("random", 4, 56, 56, "cuda")
+
+    def step():
+        penalty = fused_tap_penalty(zs, mask, norm="l2sq")
+        return (penalty, *torch.autograd.grad(penalty, zs))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        expected = step()  # warm-up compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for z in zs:
+            z.mul_(-1.5)  # new data in the same buffers
+    graph.replay()
+    expected = step()
+    for c, e in zip(captured, expected):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
