@@ -12,9 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from tap_fast.contamination import KINDS, contaminate
-
-VARIANTS = ("contaminated", "permuted", "clean")
+from tap_fast.contamination import KINDS, VARIANTS, contaminate
 
 
 def epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool = True, rank: int = 0,
@@ -75,7 +73,7 @@ class DeviceFeed:
         tags: text tags per class for kind="tag" (defaults of :func:`contaminate` when None).
 
     Iterating gives one epoch of ``x`` float32 (B, 1, H, W) normalised, ``y`` int64 (B,) and ``mask``
-    float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``. Call :meth:`set_epoch` before each epoch.
+    float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``; the next iteration reads the next epoch.
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, *, kind: str | None,
@@ -118,20 +116,21 @@ class DeviceFeed:
         return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation the next iteration reads (same on every rank)."""
+        """Select the epoch whose permutation the next iteration reads (iterating advances it by one)."""
         self.epoch = int(epoch)
 
     def order(self) -> torch.Tensor:
-        """Indices (into the full set) of the samples this rank reads this epoch, in batch order."""
+        """Indices (into the full set) of the samples this rank reads in the next epoch, in batch order."""
         idx = epoch_order(self.images.shape[0], epoch=self.epoch, seed=self.seed, shuffle=self.shuffle,
                           rank=self.rank, world_size=self.world_size)
         return idx[: len(self) * self.batch_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self.order().to(self.device, non_blocking=True)
+        self.epoch += 1
         for idx in order.split(self.batch_size):
-            x = normalise(self.images.index_select(0, idx), self.mean, self.std)
-            yield x, self.labels.index_select(0, idx), self.masks.index_select(0, idx).float()
+            x = normalise(self.images[idx], self.mean, self.std)
+            yield x, self.labels[idx], self.masks[idx].float()
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:

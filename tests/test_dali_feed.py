@@ -1,0 +1,245 @@
+"""FolderFeed (DALI CPU pipeline and torchvision fallback) against the reference loader load_dataset and the
+reference contaminate(...) of the whole set; Pillow-exact crop-resize; DDP sharding; the fallback notice.
+
+PNG images must match the reference exactly. JPEG decoders may differ (nvJPEG on a GPU is not
+libjpeg-turbo), so JPEG images are compared within JPEG_MAX_DIFF grey levels (on this CPU machine DALI's,
+torchvision's and Pillow's libjpeg-turbo decodes agree exactly).
+"""
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tap_fast.contamination import contaminate
+from tap_fast.dali_feed import FolderFeed, centre_square_resize, dali_available, folder_split, pad_batch, pil_grey
+from tap_fast.datasets import load_dataset
+
+JPEG_MAX_DIFF = 8  # grey levels, max over pixels, between a feed's JPEG decode and Pillow's
+MEAN, STD = 0.5549, 0.2232
+BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
+            "torchvision"]
+# (h, w): portrait, landscape, square, exactly 224, smaller than 224 (upsampling), odd sizes
+SIZES = [(300, 250), (240, 320), (231, 229), (224, 224), (100, 90), (57, 81), (401, 260), (260, 333)]
+
+
+def picture(h, w, k, channels):
+    """Smooth structure plus noise, uint8 (h, w) or (h, w, channels)."""
+    rng = np.random.default_rng(k)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127 + 90 * np.sin(xx / (5.0 + k) + k) * np.cos(yy / (7.0 + k))
+    img = np.clip(base[..., None] + rng.normal(0, 25, (h, w, channels)), 0, 255).astype(np.uint8)
+    return img[..., 0] if channels == 1 else img
+
+
+def write_layout(root, splits, classes, suffix):
+    k = 0
+    for split, per_class in splits.items():
+        for cls in classes:
+            for _ in range(per_class):
+                h, w = SIZES[k % len(SIZES)]
+                folder = root / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(picture(h, w, k, 3 if k % 3 else 1)).save(folder / f"im{k:02d}{suffix}")
+                k += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def knee(tmp_path_factory):
+    return write_layout(tmp_path_factory.mktemp("knee"), {"train": 2, "val": 1, "test": 1},
+                        [str(c) for c in range(5)], ".png")
+
+
+@pytest.fixture(scope="module")
+def pneu(tmp_path_factory):
+    return write_layout(tmp_path_factory.mktemp("pneu"), {"train": 5, "test": 1}, ["NORMAL", "PNEUMONIA"],
+                        ".jpeg")
+
+
+def make_feed(files, labels, backend, **kw):
+    kw = {"kind": None, "num_classes": 5, "batch_size": 3, "seed": 3, "num_threads": 2, **kw}
+    return FolderFeed(files, labels, mean=MEAN, std=STD, backend=backend, **kw)
+
+
+def grey_levels(x):
+    """Undo the normalisation: float grey levels 0..255."""
+    return (x * STD + MEAN) * 255
+
+
+@pytest.mark.parametrize("name,split", [("knee", "train"), ("knee", "val"), ("knee", "test"),
+                                        ("pneu", "train"), ("pneu", "val"), ("pneu", "test")])
+def test_folder_split_matches_reference(name, split, knee, pneu):
+    root = {"knee": knee, "pneu": pneu}[name]
+    files, labels = folder_split(name, root, split, seed=1)
+    ref = getattr(load_dataset(name, root, seed=1), split)
+    assert torch.equal(labels, ref.labels) and len(files) == len(ref.labels) > 0
+    limited = folder_split(name, root, "train", limit_train=4, seed=1)[1]
+    assert torch.equal(limited, load_dataset(name, root, limit_train=4, seed=1).train.labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["knee", "pneu"])
+def test_images_equal_reference_loader(backend, name, knee, pneu):
+    root = {"knee": knee, "pneu": pneu}[name]
+    ref = load_dataset(name, root).train
+    files, labels = folder_split(name, root, "train")
+    feed = make_feed(files, labels, backend, num_classes=ref.labels.max().item() + 1, drop_last=False,
+                     shuffle=False)
+    seen = []
+    for idx, x, y, m in feed.indexed():
+        want = ref.images[idx].float()
+        diff = (grey_levels(x) - want).abs().max().item()
+        if name == "knee":  # PNG: exact (up to the float round trip of the normalisation)
+            assert diff < 1e-3, diff
+            assert torch.equal(x, want.div(255).sub(MEAN).div(STD))
+        else:
+            assert diff <= JPEG_MAX_DIFF, diff
+        assert torch.equal(y, ref.labels[idx]) and not m.any()
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(files)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,variant", [("tag", "contaminated"), ("tag", "permuted"), ("stripe", "permuted")])
+def test_contaminated_batches_equal_reference(backend, kind, variant, knee):
+    ref = load_dataset("knee", knee).train
+    ref_x, ref_m = contaminate(ref.images, ref.labels, kind, 5, variant=variant, seed=7)
+    assert ref_m.sum() > 0
+    files, labels = folder_split("knee", knee, "train")
+    feed = make_feed(files, labels, backend, kind=kind, variant=variant, seed=7, batch_size=4)
+    for epoch in range(2):
+        seen = []
+        for idx, x, y, m in feed.indexed():
+            assert x.shape == m.shape == (4, 1, 224, 224)
+            assert torch.equal(x, ref_x[idx].float().div(255).sub(MEAN).div(STD))
+            assert torch.equal(m, ref_m[idx].float()) and torch.equal(y, ref.labels[idx])
+            seen += idx.tolist()
+        assert len(seen) == len(set(seen)) == len(feed) * 4 == 8  # one epoch, no repeats, static shapes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_shards_disjoint_and_equal(backend, world_size, knee):
+    files, labels = folder_split("knee", knee, "train")  # 10 files
+    n, b = len(files), 2
+    feeds = [make_feed(files, labels, backend, batch_size=b, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    epochs = []
+    for epoch in range(3):
+        shares = []
+        for feed in feeds:
+            feed.set_epoch(epoch)
+            shares.append([i for idx, *_ in feed.indexed() for i in idx.tolist()])
+        assert all(len(s) == len(feeds[0]) * b == (n // world_size) // b * b for s in shares)
+        flat = [i for s in shares for i in s]
+        assert len(flat) == len(set(flat))  # disjoint within the epoch
+        epochs.append(flat)
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # reshuffled
+
+
+def test_dali_epochs_must_be_read_in_sequence(knee):
+    if not dali_available():
+        pytest.skip("DALI not installed")
+    files, labels = folder_split("knee", knee, "train")
+    feed = make_feed(files, labels, "dali", batch_size=4)
+    next(iter(feed))  # a part-read epoch is finished before the next one starts
+    with pytest.raises(ValueError, match="epoch must be 1"):
+        feed.set_epoch(0)
+    feed.set_epoch(1)
+    idx = [i for idx, *_ in feed.indexed() for i in idx.tolist()]
+    assert len(idx) == len(set(idx)) == 8
+
+
+def test_fallback_to_torchvision_without_dali(monkeypatch, knee):
+    files, labels = folder_split("knee", knee, "test")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali now raises ImportError
+    assert not dali_available()
+    with pytest.warns(UserWarning, match="DALI is not installed: FolderFeed falls back to torchvision"):
+        feed = make_feed(files, labels, "auto", batch_size=5)
+    assert feed.backend == "torchvision"
+    (x, y, m), = list(feed)
+    assert x.shape == (5, 1, 224, 224)
+
+
+def test_auto_uses_dali_when_installed(knee):
+    if not dali_available():
+        pytest.skip("DALI not installed")
+    files, labels = folder_split("knee", knee, "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert make_feed(files, labels, "auto", batch_size=5).backend == "dali"
+
+
+def test_centre_square_resize_is_pillow_exact():
+    """Awkward sizes in one padded batch: 1 px, thin strips, upsampling, non-divisible downscales."""
+    rng = np.random.default_rng(0)
+    sizes = [(1, 1), (5, 3), (13, 17), (2, 40), (224, 224), (225, 224), (449, 300), (700, 451), (97, 1000)]
+    for size in (28, 224, 37):
+        arrays = [rng.integers(0, 256, s, dtype=np.uint8) for s in sizes]
+        batch, hw = pad_batch([torch.from_numpy(a) for a in arrays])
+        out = centre_square_resize(batch, hw, size)
+        assert out.shape == (len(sizes), 1, size, size) and out.dtype == torch.uint8
+        for a, o in zip(arrays, out):
+            img = Image.fromarray(a)
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            want = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+            np.testing.assert_array_equal(o[0].numpy(), np.asarray(want))
+
+
+def test_pil_grey_is_pillow_exact():
+    rgb = np.random.default_rng(1).integers(0, 256, (31, 17, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(pil_grey(torch.from_numpy(rgb).permute(2, 0, 1)).numpy(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["knee", "pneu"])
+def test_gpu_folder_feed_equals_reference(name, knee, pneu):
+    """Whichever backend runs on this machine (torchvision's nvJPEG without DALI), on cuda:0."""
+    root = {"knee": knee, "pneu": pneu}[name]
+    ref = load_dataset(name, root).train
+    num_classes = ref.labels.max().item() + 1
+    kind = "stripe" if name == "pneu" else "tag"
+    ref_x, ref_m = contaminate(ref.images, ref.labels, kind, num_classes, variant="permuted", seed=7)
+    files, labels = folder_split(name, root, "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fallback notice
+        feed = make_feed(files, labels, "auto", kind=kind, num_classes=num_classes, variant="permuted", seed=7,
+                         device_id=0, drop_last=False)
+    for idx, x, y, m in feed.indexed():
+        assert x.is_cuda and m.is_cuda and y.is_cuda
+        idx = idx.cpu()
+        diff = (grey_levels(x.cpu()) - ref_x[idx].float()).abs().max().item()
+        assert diff < 1e-3 if name == "knee" else diff <= JPEG_MAX_DIFF, diff
+        assert torch.equal(m.cpu(), ref_m[idx].float()) and torch.equal(y.cpu(), ref.labels[idx])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"files": ["/nonexistent/a.png"]}, "files must name existing image files"),
+    ({"labels": torch.zeros(3, dtype=torch.int64)}, r"labels must be a \(5,\) integer tensor"),
+    ({"backend": "opencv"}, "backend must be one of"),
+    ({"device_id": -1}, "device_id must be a CUDA device index"),
+    ({"batch_size": 6}, "exceeds this rank's share of 5 files"),
+    ({"image_size": 0}, "image_size must be a positive int"),
+    ({"kind": "decoys"}, "kind must be one of"),
+    ({"rank": 3, "world_size": 3}, "rank must be an int in"),
+])
+def test_bad_inputs(kwargs, match, knee):
+    files, labels = folder_split("knee", knee, "test")
+    args = {"files": files, "labels": labels, "backend": "torchvision", "batch_size": 5, **kwargs}
+    files, labels, backend = args.pop("files"), args.pop("labels"), args.pop("backend")
+    with pytest.raises(ValueError, match=match):
+        make_feed(files, labels, backend, **args)
+
+
+def test_folder_split_bad_inputs(knee):
+    with pytest.raises(ValueError, match="name must be one of"):
+        folder_split("mnist", knee, "train")
+    with pytest.raises(ValueError, match="split must be"):
+        folder_split("knee", knee, "holdout")

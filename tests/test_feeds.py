@@ -1,0 +1,177 @@
+"""DeviceFeed (GPU-resident in-memory feed) against the reference contaminate(...) of the whole set."""
+import pytest
+import torch
+
+from tap_fast.contamination import contaminate
+from tap_fast.feeds import DeviceFeed, epoch_order
+
+MEAN, STD = 0.1307, 0.3081
+
+# kind, num_classes, (H, W), N, batch size: odd sizes and counts, batch 1
+CASES = [
+    ("decoy", 10, (28, 28), 37, 8),
+    ("tag", 5, (64, 60), 23, 5),
+    ("stripe", 2, (48, 53), 19, 1),
+]
+
+
+def make_set(n, h, w, num_classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, h, w), generator=g, dtype=torch.uint8)
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    return images, labels
+
+
+def reference_x(images):
+    """The training step's normalisation (tap_fast.train_step): (x / 255 - mean) / std."""
+    return images.float().div(255.0).sub(MEAN).div(STD)
+
+
+def feed_for(images, labels, kind, num_classes, **kw):
+    kw = {"variant": "contaminated", "batch_size": 4, "seed": 3, "device": "cpu", **kw}
+    return DeviceFeed(images, labels, kind=kind, num_classes=num_classes, mean=MEAN, std=STD, **kw)
+
+
+@pytest.mark.parametrize("variant", ["contaminated", "permuted", "clean"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_batches_equal_reference_contamination(case, variant):
+    kind, num_classes, (h, w), n, b = case
+    images, labels = make_set(n, h, w, num_classes)
+    ref_x, ref_m = contaminate(images, labels, kind, num_classes, variant=variant, seed=3)
+    if variant != "clean":
+        assert ref_m.sum() > 0 and not torch.equal(ref_x, images)  # the comparison is not vacuous
+    feed = feed_for(images, labels, kind, num_classes, variant=variant, batch_size=b)
+    orders = []
+    for _ in range(2):
+        order = feed.order()
+        batches = list(feed)
+        assert len(batches) == len(feed) == n // b
+        for k, (x, y, m) in enumerate(batches):
+            idx = order[k * b:(k + 1) * b]
+            assert x.shape == (b, 1, h, w) and x.dtype == torch.float32
+            assert m.shape == (b, 1, h, w) and m.dtype == torch.float32
+            assert torch.equal(x, reference_x(ref_x[idx]))
+            assert torch.equal(m, ref_m[idx].float())
+            assert torch.equal(y, labels[idx])
+        orders.append(order)
+    assert not torch.equal(orders[0], orders[1])  # reshuffled each epoch
+
+
+def test_permuted_variant_moves_the_signal_not_the_positions():
+    images, labels = make_set(40, 28, 28, 10)
+    batches = {v: next(iter(feed_for(images, labels, "decoy", 10, variant=v, shuffle=False)))
+               for v in ("contaminated", "permuted")}
+    (xc, _, mc), (xp, _, mp) = batches["contaminated"], batches["permuted"]
+    assert torch.equal(mc, mp) and not torch.equal(xc, xp)
+
+
+def test_no_contamination_gives_zero_masks_and_clean_images():
+    images, labels = make_set(17, 13, 11, 3)
+    feed = feed_for(images, labels, None, 3, batch_size=17, shuffle=False)
+    (x, y, m), = list(feed)
+    assert torch.equal(x, reference_x(images)) and torch.equal(y, labels) and not m.any()
+
+
+def test_drop_last_false_keeps_the_partial_batch():
+    images, labels = make_set(23, 28, 28, 10)
+    feed = feed_for(images, labels, "decoy", 10, batch_size=5, drop_last=False, shuffle=False)
+    sizes = [len(y) for _, y, _ in feed]
+    assert sizes == [5, 5, 5, 5, 3] and len(feed) == 5
+
+
+def test_epochs_advance_and_replay():
+    images, labels = make_set(30, 28, 28, 10)
+    feed = feed_for(images, labels, "decoy", 10, batch_size=6)
+    first = [y for _, y, _ in feed]
+    second = [y for _, y, _ in feed]  # iterating advanced to epoch 1
+    feed.set_epoch(0)
+    replay = [y for _, y, _ in feed]
+    assert all(torch.equal(a, b) for a, b in zip(first, replay))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+    other_seed = feed_for(images, labels, "decoy", 10, batch_size=6, seed=4)
+    assert not torch.equal(other_seed.order(), feed_for(images, labels, "decoy", 10, batch_size=6).order())
+    ordered = feed_for(images, labels, "decoy", 10, batch_size=6, shuffle=False)
+    assert torch.equal(ordered.order(), torch.arange(30))
+
+
+@pytest.mark.parametrize("world_size,n,b", [(2, 29, 4), (3, 31, 3), (4, 16, 4)])
+def test_ddp_shards_are_disjoint_equal_and_cover(world_size, n, b):
+    images, labels = make_set(n, 28, 28, 10)
+    share = n // world_size
+    for epoch in (0, 1):
+        shares, counts = [], []
+        for rank in range(world_size):
+            feed = feed_for(images, labels, "decoy", 10, batch_size=b, drop_last=False, rank=rank,
+                            world_size=world_size)
+            feed.set_epoch(epoch)
+            order = feed.order()
+            ys = torch.cat([y for _, y, _ in feed])
+            assert torch.equal(ys, labels[order])  # the batches are the reported order
+            shares.append(order)
+            counts.append(len(feed_for(images, labels, "decoy", 10, batch_size=b, rank=rank,
+                                       world_size=world_size)))
+        assert all(len(s) == share for s in shares)
+        union = torch.cat(shares)
+        assert len(union.unique()) == world_size * share  # disjoint
+        perm = epoch_order(n, epoch=epoch, seed=3)  # the same permutation on every rank
+        assert torch.equal(union.sort().values, perm[:world_size * share].sort().values)
+        assert len(set(counts)) == 1 and counts[0] == share // b  # equal batch counts (drop_last)
+
+
+def test_feed_on_device_matches_cpu_reference_on_real_mnist():
+    """The MNIST set of the paper if present beside the checkout (../shared/data), else skipped."""
+    import os
+
+    import numpy as np
+    from conftest import SHARED_DATA
+    path = os.path.join(SHARED_DATA, "mnist", "mnist.npz")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found")
+    with np.load(path) as data:
+        images = torch.from_numpy(data["x_train"][:2000]).unsqueeze(1)
+        labels = torch.from_numpy(data["y_train"][:2000].astype(np.int64))
+    ref_x, ref_m = contaminate(images, labels, "decoy", 10, seed=5)
+    feed = feed_for(images, labels, "decoy", 10, batch_size=256, seed=5)
+    idx = feed.order()[:256]
+    x, y, m = next(iter(feed))
+    assert torch.equal(x, reference_x(ref_x[idx])) and torch.equal(m, ref_m[idx].float())
+    assert torch.equal(y, labels[idx])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gpu_feed_equals_cpu_reference(case):
+    kind, num_classes, (h, w), n, b = case
+    images, labels = make_set(n, h, w, num_classes)
+    ref_x, ref_m = contaminate(images, labels, kind, num_classes, variant="permuted", seed=3)
+    feed = feed_for(images, labels, kind, num_classes, variant="permuted", batch_size=b, device="cuda",
+                    rank=1, world_size=2)
+    order = feed.order()
+    for k, (x, y, m) in enumerate(feed):
+        idx = order[k * b:(k + 1) * b]
+        assert x.is_cuda and torch.equal(x.cpu(), reference_x(ref_x[idx]))
+        assert torch.equal(m.cpu(), ref_m[idx].float()) and torch.equal(y.cpu(), labels[idx])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"images_uint8": torch.zeros(4, 1, 8, 8)}, TypeError, "images_uint8 must be a uint8"),
+    ({"images_uint8": torch.zeros(4, 3, 8, 8, dtype=torch.uint8)}, ValueError, r"\(N, H, W\) or \(N, 1, H, W\)"),
+    ({"labels": torch.zeros(3, dtype=torch.int64)}, ValueError, "labels has 3 entries"),
+    ({"labels": torch.zeros(4)}, TypeError, "labels must be a 1-D integer"),
+    ({"kind": "blur"}, ValueError, "kind must be one of"),
+    ({"variant": "shuffled"}, ValueError, "variant must be one of"),
+    ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+    ({"batch_size": 5}, ValueError, "exceeds this rank's share of 4"),
+    ({"rank": 2, "world_size": 2}, ValueError, r"rank must be an int in \[0, world_size=2\)"),
+    ({"world_size": 0}, ValueError, "world_size must be a positive int"),
+    ({"std": 0.0}, ValueError, "std must be positive"),
+])
+def test_bad_inputs(kwargs, error, match):
+    args = {"images_uint8": torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8),
+            "labels": torch.tensor([0, 1, 2, 3]), "kind": "decoy", "num_classes": 10, "batch_size": 2,
+            "mean": MEAN, "std": STD, "device": "cpu"}
+    args.update(kwargs)
+    images, labels = args.pop("images_uint8"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        DeviceFeed(images, labels, **args)
