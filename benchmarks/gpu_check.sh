@@ -56,6 +56,13 @@ step kernel_table_channels_last "$PY" benchmarks/kernel_table.py --channels-last
 cat "$TMP"/*.md > "$OUT/kernel_table.md" 2>/dev/null || true
 
 # ---------------------------------------------------------------------------------------------------
+# Section: data feeds (issue 5) -> $OUT/feeds_table.md
+# GPU-resident feed and the folder feed (torchvision/nvJPEG fallback here: the device has no DALI).
+# ---------------------------------------------------------------------------------------------------
+step test_feeds "$PY" -m pytest tests/test_feeds.py tests/test_dali_feed.py -q -rfE -p no:cacheprovider
+step feeds_table "$PY" benchmarks/bench_feeds.py --out "$OUT/feeds_table.md"
+
+# ---------------------------------------------------------------------------------------------------
 # (new sections go here)
 # ---------------------------------------------------------------------------------------------------
 
