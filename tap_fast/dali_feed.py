@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tap_fast.contamination import KINDS, VARIANTS, contaminate
-from tap_fast.datasets import _list_folder, _stratified_take
+from tap_fast.datasets import list_folder, stratified_take
 from tap_fast.feeds import check_normalisation, check_sharding, epoch_order, normalise
 
 BACKENDS = ("auto", "dali", "torchvision")
@@ -45,16 +45,16 @@ def folder_split(name: str, data_dir: str | os.PathLike, split: str, *, val_frac
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     listing = {s: ([p for p, _ in items], torch.tensor([y for _, y in items], dtype=torch.int64))
-               for s, items in _list_folder(name, Path(data_dir)).items()}
+               for s, items in list_folder(name, Path(data_dir)).items()}
     generator = torch.Generator().manual_seed(seed)
     files, labels = listing["train"]
     if "val" not in listing:  # as load_dataset: hold out val_fraction of train, stratified
-        held, rest = _stratified_take(labels, round(val_fraction * len(labels)), generator)
+        held, rest = stratified_take(labels, round(val_fraction * len(labels)), generator)
         listing["val"] = ([files[i] for i in held], labels[held])
         listing["train"] = ([files[i] for i in rest], labels[rest])
     if limit_train is not None and limit_train < len(listing["train"][1]):
         files, labels = listing["train"]
-        keep = _stratified_take(labels, limit_train, generator)[0]
+        keep = stratified_take(labels, limit_train, generator)[0]
         listing["train"] = ([files[i] for i in keep], labels[keep])
     return listing[split]
 

@@ -112,7 +112,7 @@ class Dataset:
         return "\n".join(lines)
 
 
-def _stratified_take(labels: torch.Tensor, n_take: int, generator: torch.Generator
+def stratified_take(labels: torch.Tensor, n_take: int, generator: torch.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (sorted) of a random class-stratified subset of size n_take, and of the rest.
 
@@ -141,7 +141,7 @@ def clean_split(split: Split, fraction: float, *, seed: int = 0) -> tuple[Split,
     n = round(fraction * len(split))
     if not 0 < n < len(split):
         raise ValueError(f"fraction {fraction} of {len(split)} images leaves an empty part ({n} held out)")
-    held, rest = _stratified_take(split.labels, n, torch.Generator().manual_seed(seed))
+    held, rest = stratified_take(split.labels, n, torch.Generator().manual_seed(seed))
     return split.subset(held), split.subset(rest)
 
 
@@ -202,7 +202,7 @@ def _load_digits() -> tuple[Split, Split]:
     images = np.round(bunch.images * (255 / 16)).astype(np.uint8)
     full = _as_split(images, bunch.target, "sklearn load_digits", 10)
     full = Split(_resize(full.images, 28), full.labels)
-    test, train = _stratified_take(full.labels, round(0.2 * len(full)), torch.Generator().manual_seed(0))
+    test, train = stratified_take(full.labels, round(0.2 * len(full)), torch.Generator().manual_seed(0))
     return full.subset(train), full.subset(test)
 
 
@@ -291,7 +291,7 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _list_folder(name: str, root: Path) -> dict[str, list[tuple[Path, int]]]:
+def list_folder(name: str, root: Path) -> dict[str, list[tuple[Path, int]]]:
     """(path, label) per split of an image-folder data set; any deviation from the layout raises."""
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: data_dir {root} is not a directory; expected the layout {_layout(name)}")
@@ -348,7 +348,7 @@ def _cache_path(name: str, root: Path, size: int, files: dict, cache_dir: Path) 
 
 
 def _load_folder(name: str, root: Path, size: int, cache_dir: str | os.PathLike | None) -> dict[str, Split]:
-    files = _list_folder(name, root)
+    files = list_folder(name, root)
     cache = _cache_path(name, root, size, files, Path(cache_dir)) if cache_dir is not None else None
     if cache is not None and cache.is_file():
         logger.info("%s: reading decoded images from cache %s", name, cache)
@@ -411,11 +411,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         val = Split(_resize(val.images, image_size), val.labels) if val is not None else None
     generator = torch.Generator().manual_seed(seed)
     if val is None:
-        held, rest = _stratified_take(train.labels, round(val_fraction * len(train)), generator)
+        held, rest = stratified_take(train.labels, round(val_fraction * len(train)), generator)
         train, val = train.subset(rest), train.subset(held)
     mean, std = spec.mean_std or _pixel_stats(train.images)
     if limit_train is not None and limit_train < len(train):
-        train = train.subset(_stratified_take(train.labels, limit_train, generator)[0])
+        train = train.subset(stratified_take(train.labels, limit_train, generator)[0])
     dataset = Dataset(name, train, val, test, spec.num_classes, mean, std, spec.metric, spec.contamination,
                       spec.class_names)
     logger.info("%s", dataset.summary())

@@ -362,7 +362,7 @@ def test_clean_split_is_a_seeded_stratified_partition(fraction, n_held):
 def test_stratified_take_allocates_by_largest_remainder():
     labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
     for n in range(11):
-        taken, rest = datasets._stratified_take(labels, n, torch.Generator().manual_seed(n))
+        taken, rest = datasets.stratified_take(labels, n, torch.Generator().manual_seed(n))
         assert len(taken) == n and sorted(taken.tolist() + rest.tolist()) == list(range(10))
         counts = torch.bincount(labels[taken], minlength=3)
         assert (counts.double() - torch.tensor([5, 3, 2]) * n / 10).abs().max() < 1
