@@ -63,6 +63,18 @@ step test_feeds "$PY" -m pytest tests/test_feeds.py tests/test_dali_feed.py -q -
 step feeds_table "$PY" benchmarks/bench_feeds.py --out "$OUT/feeds_table.md"
 
 # ---------------------------------------------------------------------------------------------------
+# Section: training steps, Table 1 setting, MNIST protocol (issue 5) -> $OUT/step_table.md
+# ---------------------------------------------------------------------------------------------------
+step test_compiled_engine_cuda "$PY" -m pytest tests/test_compiled_engine.py -q -rfE -p no:cacheprovider -m gpu
+step step_table_b16 "$PY" benchmarks/step_table.py --configs cnn2@28:256 resnet18@224:16 vgg16@224:16 \
+    densenet121@224:16 --dtypes fp32,bf16 --time-budget 90 --out "$TMP/steps_b16"
+step mnist_protocol "$PY" benchmarks/step_table.py --configs --mnist --mnist-methods tap,none \
+    --time-budget 60 --out "$TMP/mnist"
+step step_table_max "$PY" benchmarks/step_table.py --configs resnet18@224:max vgg16@224:max \
+    densenet121@224:max --dtypes bf16,fp32 --channels-last --time-budget 50 --out "$TMP/steps_max"
+cat "$TMP/steps_b16/steps.md" "$TMP/mnist/mnist.md" "$TMP/steps_max/steps.md" > "$OUT/step_table.md" 2>/dev/null || true
+
+# ---------------------------------------------------------------------------------------------------
 # (new sections go here)
 # ---------------------------------------------------------------------------------------------------
 

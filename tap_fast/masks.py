@@ -72,10 +72,16 @@ def downscale_mask(mask: torch.Tensor, size: Sequence[int], kernel_size: int = 3
 def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int = 3,
                     compound: bool = False) -> list[torch.Tensor]:
     """D(M, l) for each layer size. ``compound=True`` follows the released code: layer l's mask is
-    downscaled from layer l-1's, so the max-pool is applied again at every layer."""
+    downscaled from layer l-1's, so the max-pool is applied again at every layer; otherwise the max-pool,
+    the same for every layer, is computed once."""
     out, prev = [], as_mask_batch(mask)
+    if not compound:
+        _check_kernel_size(kernel_size)
+        m = prev if prev.is_floating_point() else prev.float()
+        if kernel_size > 1:
+            m = F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2)
+        return [downscale_mask(m, size, kernel_size=1) for size in sizes]
     for size in sizes:
-        d = downscale_mask(prev if compound else mask, size, kernel_size)
-        out.append(d)
-        prev = d
+        prev = downscale_mask(prev, size, kernel_size)
+        out.append(prev)
     return out

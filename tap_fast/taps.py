@@ -28,15 +28,7 @@ class TappedModel(nn.Module):
         self.tap_names = tuple(tap_names)
         self._outputs: dict[str, torch.Tensor] = {}
         for name in self.tap_names:
-            modules[name].register_forward_hook(self._make_hook(name))
-
-    def _make_hook(self, name: str):
-        def hook(module, args, output):
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                raise ValueError(f"tap {name!r} must output a (B, C, H, W) tensor, got "
-                                 f"{getattr(output, 'shape', type(output).__name__)}")
-            self._outputs[name] = output
-        return hook
+            modules[name].register_forward_hook(_TapHook(name, self._outputs))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._outputs.clear()
@@ -44,3 +36,17 @@ class TappedModel(nn.Module):
         acts = [self._outputs[n] for n in self.tap_names]
         self._outputs.clear()
         return logits, acts
+
+
+class _TapHook:
+    """Forward hook storing a module's output in ``store[name]``. An object, not a closure, so that
+    copy.deepcopy of a TappedModel gives hooks that fill the copy's store, not the original's."""
+
+    def __init__(self, name: str, store: dict[str, torch.Tensor]):
+        self.name, self.store = name, store
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise ValueError(f"tap {self.name!r} must output a (B, C, H, W) tensor, got "
+                             f"{getattr(output, 'shape', type(output).__name__)}")
+        self.store[self.name] = output
