@@ -1,0 +1,81 @@
+"""The tap-fast command line: train / sweep / annotate / demo, JSON records, and argument errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tap_fast.cli import main
+
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-train", "64", "--limit-test", "30", "--batch-size", "32",
+        "--lr", "0.05", "--quiet", "--device", "cpu"]
+
+
+def test_train_writes_json_with_documented_keys(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["train", *TINY, "--method", "tap", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    for variant in ("contaminated", "permuted", "clean"):
+        assert 0.0 <= record["metrics"][variant]["accuracy"] <= 1.0
+    assert record["config"]["method"] == "tap" and record["config"]["lam"] == 0.01  # L1 default on digits
+    assert record["config"]["norm"] == "l1" and record["config"]["arch"] == "cnn2"
+    assert len(record["loss_per_epoch"]) == 1 and record["timing"]["total_s"] > 0
+    assert "contaminated" in capsys.readouterr().out
+
+
+def test_base_run_trains_on_clean_data(tmp_path):
+    out = tmp_path / "base.json"
+    assert main(["train", *TINY, "--method", "none", "--clean-train", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["config"]["clean_train"] is True and record["config"]["lam"] == 0.0
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--arch", "resnet50"], "--arch"), (["--dataset", "cifar10"], "--dataset"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "--data-dir"), (["--dataset", "mnist"], "--data-dir"),
+    (["--lam", "-1"], "--lam"), (["--epochs", "0"], "--epochs"), (["--method", "tap", "--norm", "l3"], "--norm"),
+    (["--tau", "2"], "--tau"), (["--resume"], "--resume"), (["--method", "tap", "--clean-train"], "--clean-train"),
+    (["--method", "tap", "--arch", "resnet18", "--weights", "none"], "--lam")])
+def test_bad_arguments_exit_non_zero_naming_the_argument(args, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        if main(["train", "--quiet", *args]) != 0:
+            raise SystemExit(2)
+    assert exc.value.code != 0
+    assert flag in capsys.readouterr().err
+
+
+def test_empty_mnist_folder_is_an_error_naming_the_data(tmp_path, capsys):
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mnist.npz" in err and "never downloads" in err
+
+
+def test_sweep_and_annotate_commands(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", *TINY, "--method", "tap", "--lambdas", "1e-3,1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["lam"] for r in record["runs"]] == [1e-3, 1.0] and record["best_lam"] in (1e-3, 1.0)
+    out = tmp_path / "annotate.json"
+    assert main(["annotate", *TINY, "--tau", "0.01", "0.1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["taus"]) == {"0.01", "0.1"}
+    assert "precision" in capsys.readouterr().out
+
+
+def test_demo_quick_prints_the_contrast(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--seeds", "0", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "No XS" in text and "TAP" in text and "Base" in text and "drop" in text
+    record = json.loads(out.read_text())
+    assert set(record["runs"]) == {"Base", "No XS", "TAP"}
+    assert record["runs"]["Base"][0]["config"]["clean_train"] is True and record["seeds"] == [0]
+    assert set(record["mean"]["TAP"]["metrics"]) == {"contaminated", "permuted", "clean"}
+
+
+def test_python_dash_m_entry_point():
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run([sys.executable, "-m", "tap_fast", "train", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0 and "--teacher-fraction" in proc.stdout and "--resume" in proc.stdout
