@@ -1,4 +1,8 @@
-"""The ``tap-fast`` command line: train, sweep, annotate and demo (also ``python -m tap_fast``)."""
+"""The ``tap-fast`` command line: train, sweep, annotate, demo and bench (also ``python -m tap_fast``).
+
+``torchrun --nproc_per_node=N -m tap_fast train ...`` trains data-parallel (DDP); only rank 0 prints and
+writes files.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +16,8 @@ from tap_fast.datasets import DATASETS
 from tap_fast.models import ARCHS
 from tap_fast.tap import NORMS
 from tap_fast.train_step import METHODS
-from tap_fast.training import ANNOTATIONS, TrainConfig, annotate, save_json, sweep, train
+from tap_fast.distributed import env_ranks
+from tap_fast.training import AMP, ANNOTATIONS, TrainConfig, annotate, is_main_process, save_json, sweep, train
 
 # The demo: No XS and TAP on the embedded digits (and a Base model on clean digits), sized for a laptop CPU:
 # the decoys are picked up within a few epochs; later the digits are memorised and the contrast shrinks.
@@ -112,6 +117,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="downscale each layer's mask from the previous one's (released code)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last model layout (default on; same model, faster convolutions)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (methods none and tap; rrr and rbr stay eager)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the whole training step as one CUDA graph")
+    p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast the step: none (fp32) or bf16")
     p.add_argument("--run-dir", help="folder for checkpoints (every epoch) and cached annotations")
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
 
@@ -119,8 +128,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tap-fast", description="Targeted Activation Penalty (Zhang, Williams, Toni, AAAI 2024) experiments")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sweep,annotate,demo}")
-    p = sub.add_parser("train", help="train and evaluate one model (JSON with contaminated/permuted/clean metrics)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sweep,annotate,demo,bench}")
+    p = sub.add_parser("train", help="train and evaluate one model (JSON with contaminated/permuted/clean "
+                                     "metrics); under torchrun, data-parallel")
     _add_data_args(p)
     _add_train_args(p)
     p = sub.add_parser("sweep", help="section 5.3: train per lambda, select on the permuted validation loss")
@@ -144,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="tap_fast_demo.json", help="JSON result file (default: %(default)s)")
+    sub.add_parser("bench", add_help=False, help="step benchmarks (Table 1 setting); `tap-fast bench --help`")
     return parser
 
 
@@ -220,13 +231,22 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser reads the rest
+        from tap_fast import bench
+        return bench.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_paths(parser, args)
+    main_rank = is_main_process()
     try:
+        if args.command != "train" and env_ranks()[1] > 1:
+            raise ValueError(f"only `train` runs under torchrun (data-parallel); run `{args.command}` as one "
+                             "process")
         if args.command == "train":
             record = train(_config(args))
-            print(format_table([(args.method, record)], record["metric"]))
+            if main_rank:
+                print(format_table([(args.method, record)], record["metric"]))
         elif args.command == "sweep":
             record = sweep(_config(args), args.lambdas)
             for run in record["runs"]:
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
         print(f"tap-fast {args.command}: error: {_flag_message(str(e))}", file=sys.stderr)
         return 2
-    if args.out:
+    if args.out and main_rank:
         save_json(record, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -2,8 +2,9 @@
 
 A run contaminates each split once as uint8 tensors on the device (train: SC(X*, y) with its masks; val and
 test: contaminated, permuted and clean versions), optionally pre-trains a teacher for its annotations
-(section 4.2), trains with :func:`~tap_fast.train_step.train_step` on shuffled index batches, and evaluates
-the final-epoch model on every test version (Appendix G).
+(section 4.2), trains with :func:`~tap_fast.compiled_step.make_step` on shuffled static-shape index batches
+(optionally compiled, in a CUDA graph, in bf16, and data-parallel over the processes ``torchrun`` starts),
+and evaluates the final-epoch model on every test version (Appendix G).
 """
 from __future__ import annotations
 
@@ -21,17 +22,22 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from tap_fast.annotations import TAUS, annotation_quality, random_masks, saliency_maps, threshold_saliency
+from tap_fast.compiled_step import make_step
 from tap_fast.contamination import contaminate
 from tap_fast.datasets import DATASETS, Dataset, Split, clean_split, load_dataset
+from tap_fast.distributed import (DistContext, all_reduce_sum, env_ranks, init_distributed, per_rank_batch_size,
+                                  shutdown, unwrap, wrap_ddp)
 from tap_fast.evaluation import evaluate_variants
+from tap_fast.feeds import epoch_order
 from tap_fast.masks import check_mask_values
 from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.tap import NORMS
 from tap_fast.taps import TappedModel
-from tap_fast.train_step import METHODS, train_step
+from tap_fast.train_step import METHODS
 
 ANNOTATIONS = ("ground-truth", "teacher", "random")
 VARIANTS = ("contaminated", "permuted", "clean")
+AMP = {"none": None, "bf16": torch.bfloat16}  # autocast dtype of the training step (weights stay fp32)
 VAL_VARIANTS = ("contaminated", "permuted")  # section 5.3 tunes lambda on the permuted validation loss
 # Data set -> the paper's data set whose settings it follows (Table 2 / 3 rows, batch size, models).
 FAMILY = {"digits": "mnist", "mnist": "mnist", "pneumoniamnist": "pneu", "pneu": "pneu", "knee": "knee"}
@@ -87,6 +93,9 @@ class TrainConfig:
     kernel_size: int = 3
     compound: bool = False
     channels_last: bool = True  # memory layout only (same model; ~2x faster convs on a CPU)
+    compile: bool = False  # torch.compile the step (methods none / tap; RRR and RBR stay eager)
+    cuda_graphs: bool = False  # capture the whole step in one CUDA graph (CUDA only)
+    amp: str = "none"  # "none" (fp32) or "bf16" autocast
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -99,7 +108,8 @@ class TrainConfig:
 
 
 # Fields that do not change what a run computes (checked when resuming).
-_RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "quiet", "cache_dir", "channels_last")
+_RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "quiet", "cache_dir", "channels_last", "compile",
+                   "cuda_graphs")
 
 
 @dataclass
@@ -156,7 +166,7 @@ def resolve_device(device: str) -> torch.device:
 
 def check_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first invalid field of ``config``."""
-    choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS}
+    choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS, "amp": tuple(AMP)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(config, name)!r}")
@@ -208,7 +218,14 @@ def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
         lr=config.lr if config.lr is not None else DEFAULT_LR.get(arch, DEEP_LR),
         batch_size=config.batch_size or DEFAULT_BATCH_SIZE[FAMILY[config.dataset]],
         teacher_epochs=(config.teacher_epochs or config.epochs) if _needs_teacher(config) else None,
-        device=str(resolve_device(config.device)))
+        device=str(_checked_device(config)))
+
+
+def _checked_device(config: TrainConfig) -> torch.device:
+    device = resolve_device(config.device)
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}")
+    return device
 
 
 def _needs_teacher(config: TrainConfig) -> bool:
@@ -234,11 +251,12 @@ def _versions(split: Split, dataset: Dataset, seed: int, variants: tuple[str, ..
     return {v: _contaminate(split, dataset, v, seed)[0] for v in variants}
 
 
-def prepare(config: TrainConfig, dataset: Dataset) -> PreparedData:
+def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = None) -> PreparedData:
     """Contaminate ``dataset`` for a resolved ``config`` and build its training annotations.
 
     Teacher / random annotations hold out ``teacher_fraction`` of the training split as the teacher's clean
     data (section 5.1) and train the student on the contaminated rest. Masks are validated once here.
+    Every rank of ``ctx`` prepares the whole (identical) data; a teacher is trained data-parallel.
     """
     device = torch.device(config.device)
     train, info = dataset.train, {"kind": config.annotations if config.method != "none" else None}
@@ -260,7 +278,7 @@ def prepare(config: TrainConfig, dataset: Dataset) -> PreparedData:
     masks = truth
     if needs_teacher:
         masks, teacher_info = teacher_annotations(config, dataset, teacher_split, data.train_images, data.test,
-                                                  data.test_labels)
+                                                  data.test_labels, ctx)
         info.update(teacher_info)
         info.update(annotation_quality(masks, truth))
     check_mask_values(masks, name="training masks")
@@ -268,13 +286,14 @@ def prepare(config: TrainConfig, dataset: Dataset) -> PreparedData:
     return data
 
 
-def train_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, device: torch.device
-                  ) -> tuple[nn.Module, dict]:
+def train_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, device: torch.device,
+                  ctx: DistContext | None = None) -> tuple[nn.Module, dict]:
     """Pre-train a teacher on the clean ``teacher_split`` (section 4.2) without XS for ``teacher_epochs``.
 
     Its architecture is the data set's default (cnn2 for the 28x28 sets, ResNet-18 for PNEU and KNEE, as in
-    section 5.3); it uses the run's learning rate, batch size, momentum and seed. Returns the model (eval
-    mode) and a record of its size and training time.
+    section 5.3); it uses the run's learning rate, batch size, momentum, seed and step options (compile,
+    CUDA graphs, amp), data-parallel over ``ctx``. Returns the model (eval mode) and a record of its size and
+    training time.
     """
     start = time.perf_counter()
     arch = DEFAULT_ARCH[config.dataset]
@@ -285,19 +304,21 @@ def train_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, d
     fit(TappedModel(teacher, tap_points(arch)), teacher_split.images.to(device), teacher_split.labels.to(device),
         None, method="none", lam=0.0, epochs=config.teacher_epochs, lr=config.lr, momentum=config.momentum,
         batch_size=config.batch_size, seed=config.seed, mean=dataset.mean, std=dataset.std, quiet=config.quiet,
-        desc="teacher")
+        desc="teacher", **_step_options(config), ctx=ctx)
     teacher.eval()
     return teacher, {"arch": arch, "train_size": len(teacher_split), "epochs": config.teacher_epochs,
                      "train_s": time.perf_counter() - start}
 
 
 def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Split, images: torch.Tensor,
-                        test: dict[str, torch.Tensor], test_labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                        test: dict[str, torch.Tensor], test_labels: torch.Tensor, ctx: DistContext | None = None
+                        ) -> tuple[torch.Tensor, dict]:
     """Masks for ``images`` from a teacher pre-trained on the clean ``teacher_split`` (eq. 13-14, threshold
     ``tau``), or random masks with the teacher's number of ones per image (``annotations="random"``).
 
-    Computed once and cached in ``run_dir``/annotations.pt (reused when the settings match). Returns the
-    uint8 masks (on the images' device) and a record of the teacher with its test metrics (Appendix K).
+    Computed once and cached in ``run_dir``/annotations.pt (written by the main rank; reused when the
+    settings match). Returns the uint8 masks (on the images' device) and a record of the teacher with its
+    test metrics (Appendix K).
     """
     key = {f: getattr(config, f) for f in ("dataset", "data_dir", "limit_train", "image_size", "seed", "arch",
                                           "weights", "lr", "batch_size", "momentum", "teacher_fraction",
@@ -307,16 +328,15 @@ def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Sp
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved["key"] == key:
             return saved["masks"].to(images.device), json.loads(saved["info"])
-    teacher, record = train_teacher(config, dataset, teacher_split, images.device)
+    teacher, record = train_teacher(config, dataset, teacher_split, images.device, ctx)
     record["metrics"] = evaluate_variants(teacher, test, test_labels, metric=dataset.metric, mean=dataset.mean,
                                           std=dataset.std)
     masks = threshold_saliency(saliency_maps(teacher, images, mean=dataset.mean, std=dataset.std), config.tau)
     if config.annotations == "random":
         masks = random_masks(masks, generator=torch.Generator().manual_seed(_variant_seed(config.seed, 7)))
     info = {"teacher": record, "tau": config.tau}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "masks": masks.cpu(), "info": json.dumps(info)}, cache)
+    if cache is not None and (ctx is None or ctx.is_main):
+        _save_checkpoint(cache, {"key": key, "masks": masks.cpu(), "info": json.dumps(info)})
     return masks, info
 
 
@@ -355,28 +375,40 @@ def _place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mo
     return model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
 
 
-def _progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def _step_options(config: TrainConfig) -> dict:
+    """fit's step options (compile, CUDA graphs, amp, channels_last) from a config."""
+    return {"compile": config.compile, "cuda_graphs": config.cuda_graphs, "amp_dtype": AMP[config.amp],
+            "channels_last": config.channels_last}
 
 
 def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, *,
         method: str, lam: float, epochs: int, lr: float, momentum: float, batch_size: int, seed: int,
         mean: float, std: float, norm: str = "l1", kernel_size: int = 3, compound: bool = False,
         checkpoint: Path | None = None, resume: bool = False, meta: dict | None = None, quiet: bool = False,
-        desc: str = "train") -> dict[str, list[float]]:
+        desc: str = "train", compile: bool = False, cuda_graphs: bool = False, amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False, ctx: DistContext | None = None) -> dict[str, list[float]]:
     """Train ``model`` with SGD (momentum, section 5.3) for ``epochs`` over shuffled index batches.
+
+    Each epoch reads :func:`~tap_fast.feeds.epoch_order` (seeded by ``seed`` and the epoch) in batches of
+    ``batch_size``; the last partial batch is dropped (static shapes; a set smaller than one batch gives one
+    batch of all of it). The step is :func:`~tap_fast.compiled_step.make_step` with ``compile``,
+    ``cuda_graphs``, ``amp_dtype`` and ``channels_last``. With a multi-process ``ctx`` the model is wrapped in
+    DDP, ``batch_size`` is the global batch (each rank takes an equal, disjoint share), metrics are summed
+    over ranks, and only the main rank prints and writes the checkpoint.
 
     With ``checkpoint`` it saves model, optimizer, epoch, history and RNG states after every epoch; with
     ``resume`` it continues from that file (whose ``meta`` must equal this run's). Losses are accumulated on
     the device and read once per epoch. Returns per-epoch "loss", "task_loss", "penalty" and "epoch_s".
     """
+    ctx = ctx or DistContext(device=images.device)
     device = images.device
+    n = images.shape[0]
+    share = n // ctx.world_size
+    if share < 1:
+        raise ValueError(f"images has {n} samples, fewer than the {ctx.world_size} processes")
+    per_rank = min(per_rank_batch_size(batch_size, ctx.world_size), share)
+    steps = share // per_rank
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    shuffle = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"loss": [], "task_loss": [], "penalty": [], "epoch_s": []}
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.is_file():
@@ -388,7 +420,6 @@ def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: t
                              f"settings {diff}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        shuffle.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -396,36 +427,38 @@ def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: t
         if start_epoch > epochs:
             raise ValueError(f"epochs ({epochs}) is below the epoch of the checkpoint {checkpoint} "
                              f"({start_epoch}); pass epochs >= {start_epoch} to resume")
-    elif resume and not quiet:
+    elif resume and not quiet and ctx.is_main:
         print(f"{desc}: no checkpoint at {checkpoint}; starting from epoch 1", file=sys.stderr)
-    explain_in_eval = method in ("rrr", "rbr") and _has_batchnorm(model)
-    n = images.shape[0]
     model.train()
+    trained = wrap_ddp(model, ctx)
+    # Built after the checkpoint is loaded: a CUDA graph holds the parameters and optimizer state it captured.
+    step = make_step(trained, optimizer, method=method, lam=lam, mean=mean, std=std, norm=norm,
+                     kernel_size=kernel_size, compound=compound, explain_in_eval=None, compile=compile,
+                     cuda_graphs=cuda_graphs, amp_dtype=amp_dtype, channels_last=channels_last)
+    show = not quiet and ctx.is_main
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=shuffle).to(device)
+        order = epoch_order(n, epoch=epoch, seed=seed, rank=ctx.rank, world_size=ctx.world_size).to(device)
         sums = torch.zeros(3, device=device)
-        bar = tqdm(range(0, n, batch_size), desc=f"{desc} {epoch + 1}/{epochs}", file=sys.stderr,
-                   disable=not _progress(quiet), leave=False, unit="batch")
-        for i in bar:
-            idx = order[i:i + batch_size]
-            out = train_step(model, optimizer, images[idx], labels[idx], None if masks is None else masks[idx],
-                             method=method, lam=lam, mean=mean, std=std, norm=norm, kernel_size=kernel_size,
-                             compound=compound, explain_in_eval=explain_in_eval)
-            sums += torch.stack(out) * idx.numel()
-        loss, task_loss, penalty = (sums / n).tolist()
+        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{epochs}", file=sys.stderr,
+                   disable=not (show and sys.stderr.isatty()), leave=False, unit="batch")
+        for k in bar:
+            idx = order[k * per_rank:(k + 1) * per_rank]
+            out = step(images[idx], labels[idx], None if masks is None else masks[idx])
+            sums += torch.stack(out)
+        loss, task_loss, penalty = (all_reduce_sum(sums, ctx) / (steps * ctx.world_size)).tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss} in epoch {epoch + 1}; lower lr or lam")
         for name, value in zip(("loss", "task_loss", "penalty", "epoch_s"),
                                (loss, task_loss, penalty, time.perf_counter() - t0)):
             history[name].append(value)
-        if not quiet:
+        if show:
             print(f"{desc} epoch {epoch + 1}/{epochs}: loss {loss:.4f} (task {task_loss:.4f}, penalty "
                   f"{penalty:.4g}) {history['epoch_s'][-1]:.1f}s", file=sys.stderr)
-        if checkpoint is not None:
+        if checkpoint is not None and ctx.is_main:
             _save_checkpoint(checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "history": history, "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                "model": unwrap(trained).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                "history": history, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "meta": meta})
     return history
 
@@ -437,8 +470,11 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(config: TrainConfig, data: PreparedData) -> dict:
-    """Train a model for a resolved ``config`` on prepared data and return the result record."""
+def run(config: TrainConfig, data: PreparedData, ctx: DistContext | None = None) -> dict:
+    """Train a model for a resolved ``config`` on prepared data and return the result record.
+
+    With a multi-process ``ctx`` it trains data-parallel; every rank then evaluates the same final model on
+    the whole test and validation sets and returns the same record."""
     start = time.perf_counter()
     ds = data.dataset
     device = torch.device(config.device)
@@ -452,7 +488,7 @@ def run(config: TrainConfig, data: PreparedData) -> dict:
                   std=ds.std, norm=config.norm, kernel_size=config.kernel_size, compound=config.compound,
                   checkpoint=Path(config.run_dir) / "checkpoint.pt" if config.run_dir else None,
                   resume=config.resume, meta=meta, quiet=config.quiet,
-                  desc="base" if config.clean_train else config.method)
+                  desc="base" if config.clean_train else config.method, **_step_options(config), ctx=ctx)
     train_s = time.perf_counter() - start
     eval_start = time.perf_counter()
     kw = {"metric": ds.metric, "mean": ds.mean, "std": ds.std, "batch_size": 4 * config.batch_size}
@@ -471,20 +507,38 @@ def run(config: TrainConfig, data: PreparedData) -> dict:
         "sizes": {"train": int(data.train_labels.numel()), "val": int(data.val_labels.numel()),
                   "test": int(data.test_labels.numel())},
         "timing": {"train_s": train_s, "eval_s": time.perf_counter() - eval_start, "epoch_s": history["epoch_s"]},
-        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()},
+        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                        "processes": 1 if ctx is None else ctx.world_size},
     }
 
 
 def train(config: TrainConfig) -> dict:
-    """Load, contaminate, annotate, train and evaluate one configuration; returns the result record."""
+    """Load, contaminate, annotate, train and evaluate one configuration; returns the result record.
+
+    Started by ``torchrun --nproc_per_node=N`` it joins the process group (gloo on the CPU, NCCL on GPUs,
+    one GPU per local rank), trains with DDP at the global ``batch_size`` and leaves the group at the end;
+    every rank returns the same record (the caller writes it on ``is_main_process()`` only).
+    """
     start = time.perf_counter()
-    dataset = load(config)
-    config = resolve(config, dataset)
-    data = prepare(config, dataset)
-    prepared_s = time.perf_counter() - start
-    result = run(config, data)
+    check_config(config)
+    ctx = init_distributed(resolve_device(config.device))
+    try:
+        if ctx.enabled:
+            config = dataclasses.replace(config, device=str(ctx.device))
+        dataset = load(config)
+        config = resolve(config, dataset)
+        data = prepare(config, dataset, ctx)
+        prepared_s = time.perf_counter() - start
+        result = run(config, data, ctx)
+    finally:
+        shutdown(ctx)
     result["timing"].update(prepare_s=prepared_s, total_s=time.perf_counter() - start)
     return result
+
+
+def is_main_process() -> bool:
+    """True unless this process is a non-zero rank started by torchrun (those must not print or write)."""
+    return env_ranks()[0] == 0
 
 
 def sweep(config: TrainConfig, lambdas: list[float] | None = None) -> dict:
@@ -502,6 +556,8 @@ def sweep(config: TrainConfig, lambdas: list[float] | None = None) -> dict:
     runs = []
     for lam in lambdas:
         run_dir = str(Path(config.run_dir) / f"lam_{lam:.0e}") if config.run_dir else None
+        if config.compile:
+            torch._dynamo.reset()  # one compiled step per lambda would reach dynamo's recompile limit
         try:
             result = run(dataclasses.replace(config, lam=float(lam), run_dir=run_dir), data)
         except FloatingPointError as e:  # a lambda too large for this lr diverges: record, go on

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tap_fast.cli import main
 
@@ -36,7 +37,8 @@ def test_base_run_trains_on_clean_data(tmp_path):
     (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "--data-dir"), (["--dataset", "mnist"], "--data-dir"),
     (["--lam", "-1"], "--lam"), (["--epochs", "0"], "--epochs"), (["--method", "tap", "--norm", "l3"], "--norm"),
     (["--tau", "2"], "--tau"), (["--resume"], "--resume"), (["--method", "tap", "--clean-train"], "--clean-train"),
-    (["--method", "tap", "--arch", "resnet18", "--weights", "none"], "--lam")])
+    (["--method", "tap", "--arch", "resnet18", "--weights", "none"], "--lam"), (["--amp", "fp16"], "--amp"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs")])
 def test_bad_arguments_exit_non_zero_naming_the_argument(args, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         if main(["train", "--quiet", *args]) != 0:
@@ -79,3 +81,39 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "tap_fast", "train", "--help"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0 and "--teacher-fraction" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_compile_flag_trains_like_eager(tmp_path):
+    """--compile reaches make_step (dynamo compiles graphs) and, with inductor reordering fp32 sums, gives
+    the eager losses within rtol 1e-4 after 2 steps."""
+    import torch._dynamo
+    tiny = [*TINY, "--method", "tap", "--limit-val", "20"]
+    assert main(["train", *tiny, "--out", str(tmp_path / "eager.json")]) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert main(["train", *tiny, "--compile", "--out", str(tmp_path / "compiled.json")]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+    eager, compiled = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("eager", "compiled"))
+    assert compiled["config"]["compile"] is True and eager["config"]["compile"] is False
+    for key in ("loss_per_epoch", "penalty_per_epoch"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4)
+    for variant, m in eager["metrics"].items():
+        assert compiled["metrics"][variant]["loss"] == pytest.approx(m["loss"], rel=1e-4)
+
+
+def test_bench_forwards_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "tap-fast bench" in out and "--configs" in out and "--mnist" in out
+    with pytest.raises(SystemExit, match="unknown row 'nope'"):
+        main(["bench", "--rows", "nope", "--device", "cpu"])
+    assert "bench" in _top_level_help(capsys)
+
+
+def _top_level_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    return capsys.readouterr().out

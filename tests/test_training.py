@@ -8,13 +8,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tap_fast.contamination import contaminate, signal_permutation
+from tap_fast.distributed import DistContext
 from tap_fast.evaluation import accuracy, binary_f1, evaluate, evaluate_variants, mean_absolute_error, task_metric
+from tap_fast.feeds import epoch_order
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
 from tap_fast.models import build_model, tap_points
 from tap_fast.tap import tap_penalty_reference
 from tap_fast.taps import TappedModel
 from tap_fast.train_step import train_step
-from tap_fast.training import (TrainConfig, check_config, default_lambda, load, prepare, resolve, sweep,
+from tap_fast.training import (TrainConfig, check_config, default_lambda, fit, load, prepare, resolve, sweep,
                                sweep_lambdas, train)
 
 MEAN, STD = 0.2, 0.4
@@ -249,3 +251,53 @@ def test_train_record_and_sweep_selection(tmp_path):
     losses = {r["lam"]: r["val_permuted_loss"] for r in out["runs"]}
     assert set(losses) == {1e-3, 1.0} and out["best_lam"] == min(losses, key=losses.get)
     assert (tmp_path / "sweep" / "lam_1e+00" / "checkpoint.pt").is_file()
+
+
+# --- fit: static-shape batches, data-parallel shares ------------------------------------------------------
+
+def _indexed_images(n, size=12):
+    """Images whose pixels all hold their index, so a forward hook can tell which samples a batch held."""
+    return torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, size, size).contiguous()
+
+
+def _fit_batches(n, batch_size, ctx=None, epochs=2):
+    seen = []
+    net = build_model("cnn2", 10, input_size=12)
+    net.register_forward_pre_hook(lambda m, args: seen.append(
+        ((args[0][:, 0, 0, 0] * STD + MEAN) * 255).round().long().tolist()))
+    labels = torch.arange(n) % 10
+    fit(TappedModel(net, tap_points("cnn2")), _indexed_images(n), labels, None, method="none", lam=0.0,
+        epochs=epochs, lr=0.01, momentum=0.9, batch_size=batch_size, seed=4, mean=MEAN, std=STD, quiet=True,
+        ctx=ctx)
+    return seen
+
+
+def test_fit_drops_the_last_partial_batch_and_reshuffles_each_epoch():
+    seen = _fit_batches(11, 4)
+    assert [len(b) for b in seen] == [4, 4, 4, 4]  # 11 = 2 * 4 + 3: the 3 are dropped, each epoch
+    for epoch in range(2):
+        assert sum(seen[2 * epoch:2 * epoch + 2], []) == epoch_order(11, epoch=epoch, seed=4)[:8].tolist()
+    assert seen[:2] != seen[2:]
+    assert [len(b) for b in _fit_batches(3, 4, epochs=1)] == [3]  # a set smaller than a batch: one batch of it
+
+
+def test_fit_reads_its_ranks_share_of_each_global_batch(tmp_path):
+    """Rank 1 of 2 (DDP over a 1-process gloo group, so it runs here) takes half of every global batch: the
+    odd positions of the epoch's permutation, in batches of 8 / 2 = 4."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        seen = _fit_batches(21, 8, ctx=DistContext(rank=1, world_size=2), epochs=1)
+    finally:
+        dist.destroy_process_group()
+    assert [len(b) for b in seen] == [4, 4]  # 21 // 2 = 10 per rank: 2 batches of 4, 2 dropped
+    assert sum(seen, []) == epoch_order(21, epoch=0, seed=4, rank=1, world_size=2)[:8].tolist()
+    with pytest.raises(ValueError, match="global_batch_size=9 is not divisible by world_size=2"):
+        _fit_batches(21, 9, ctx=DistContext(rank=1, world_size=2), epochs=1)
+
+
+def test_step_options_are_checked():
+    with pytest.raises(ValueError, match="amp must be one of"):
+        check_config(TrainConfig(amp="fp16"))
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        train(TrainConfig(cuda_graphs=True, device="cpu", limit_train=20, quiet=True))
