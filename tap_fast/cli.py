@@ -37,24 +37,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _float_in(text: str, low: float, low_inclusive: bool, what: str) -> float:
+    """Parse a finite float above ``low`` (or at least it, when ``low_inclusive``) for argparse."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        value = float("nan")
+    if not (value >= low if low_inclusive else value > low) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _float_in(text, 0.0, False, "a positive number")
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _float_in(text, 0.0, True, "a finite number >= 0")
 
 
 def _fraction(text: str) -> float:
