@@ -6,6 +6,8 @@
 # a failing step is recorded and the next steps still run; the script exits 1 if any step failed.
 # Only a few files come back from $OUT (at most 8): steps append to the log and write one markdown
 # file per section. Add new sections at the end, each under its own "Section" banner.
+# SECTIONS picks sections (default "kernels feeds steps"): one device call of 10 minutes at most fits
+# one or two; e.g. SECTIONS=kernels QUICK=1 OUT=... bash benchmarks/gpu_check.sh
 set -euo pipefail
 
 : "${OUT:?set OUT to an (empty) output directory}"
@@ -17,6 +19,8 @@ export TRITON_INTERPRET=0  # compile for the GPU; tests/conftest.py keeps a valu
 LOG="$OUT/gpu_check.log"
 TMP="$(mktemp -d)"
 FAILED=()
+SECTIONS="${SECTIONS:-kernels feeds steps}"
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 step() {  # step NAME COMMAND... : run COMMAND, tee its output to the log, record a failure
     local name=$1 start=$SECONDS
@@ -41,6 +45,7 @@ step environment "$PY" -c "import torch, triton; print('torch', torch.__version_
 # CUDA tests of the kernels and of a compiled (CUDA-graph) training step, then the timing tables
 # (estimated 5-8 min in all, mostly Triton and Inductor compilation; QUICK=1 trims the l1 table).
 # ---------------------------------------------------------------------------------------------------
+if want kernels; then
 step test_kernels "$PY" -m pytest tests/test_kernels.py -q -rfE -p no:cacheprovider
 step test_compiled_step_cuda "$PY" -m pytest tests/test_compiled_step.py -q -rfE -p no:cacheprovider -k cuda
 if [[ "${QUICK:-0}" == 1 ]]; then
@@ -54,17 +59,21 @@ step kernel_table_l2sq "$PY" benchmarks/kernel_table.py --norm l2sq --models res
 step kernel_table_channels_last "$PY" benchmarks/kernel_table.py --channels-last --models resnet18 \
     --batches 128 --impls fused eager --memory-batch 0 --out "$TMP/3_channels_last.md"
 cat "$TMP"/*.md > "$OUT/kernel_table.md" 2>/dev/null || true
+fi
 
 # ---------------------------------------------------------------------------------------------------
 # Section: data feeds (issue 5) -> $OUT/feeds_table.md
 # GPU-resident feed and the folder feed (torchvision/nvJPEG fallback here: the device has no DALI).
 # ---------------------------------------------------------------------------------------------------
+if want feeds; then
 step test_feeds "$PY" -m pytest tests/test_feeds.py tests/test_dali_feed.py -q -rfE -p no:cacheprovider
 step feeds_table "$PY" benchmarks/bench_feeds.py --out "$OUT/feeds_table.md"
+fi
 
 # ---------------------------------------------------------------------------------------------------
 # Section: training steps, Table 1 setting, MNIST protocol (issue 5) -> $OUT/step_table.md
 # ---------------------------------------------------------------------------------------------------
+if want steps; then
 step test_compiled_engine_cuda "$PY" -m pytest tests/test_compiled_engine.py -q -rfE -p no:cacheprovider -m gpu
 step step_table_b16 "$PY" benchmarks/step_table.py --configs cnn2@28:256 resnet18@224:16 vgg16@224:16 \
     densenet121@224:16 --dtypes fp32,bf16 --time-budget 90 --out "$TMP/steps_b16"
@@ -73,6 +82,7 @@ step mnist_protocol "$PY" benchmarks/step_table.py --configs --mnist --mnist-met
 step step_table_max "$PY" benchmarks/step_table.py --configs resnet18@224:max vgg16@224:max \
     densenet121@224:max --dtypes bf16,fp32 --channels-last --time-budget 50 --out "$TMP/steps_max"
 cat "$TMP/steps_b16/steps.md" "$TMP/mnist/mnist.md" "$TMP/steps_max/steps.md" > "$OUT/step_table.md" 2>/dev/null || true
+fi
 
 # ---------------------------------------------------------------------------------------------------
 # (new sections go here)

@@ -8,14 +8,12 @@ rank factor rbr_scale; the test also checks that without it the runs differ.
 
 Run as a script (``python tests/test_ddp.py OUT``) this file is the per-rank worker.
 """
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_ddp import torchrun
 
 from tap_fast import distributed as D
 from tap_fast.compiled_step import make_step
@@ -69,21 +67,10 @@ def _worker(out: str) -> None:
         D.shutdown(ctx)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in D.ENV_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun([__file__, str(out)])
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

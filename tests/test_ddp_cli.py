@@ -5,39 +5,21 @@ rtol 1e-5 and the epoch losses within rtol 1e-5 (only the order of fp32 sums dif
 evaluation losses within rtol 1e-4. Only rank 0 prints the table and writes the JSON.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launch_ddp import torchrun
 
 from tap_fast.cli import main
-from tap_fast.distributed import ENV_VARS
 
-ROOT = Path(__file__).parents[1]
 ARGS = ["train", "--dataset", "digits", "--method", "tap", "--epochs", "1", "--limit-train", "256", "--limit-test",
         "50", "--limit-val", "50", "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--quiet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_cli")
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "tap_fast", *ARGS,
-           "--run-dir", str(out / "two"), "--out", str(out / "two.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = torchrun(["-m", "tap_fast", *ARGS, "--run-dir", str(out / "two"), "--out", str(out / "two.json")])
     assert main([*ARGS, "--run-dir", str(out / "one"), "--out", str(out / "one.json")]) == 0
     return out, proc
 
