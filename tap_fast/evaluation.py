@@ -41,6 +41,13 @@ def mean_absolute_error(pred: torch.Tensor, labels: torch.Tensor) -> float:
 METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": binary_f1, "mae": mean_absolute_error}
 
 
+def shortcut_drop(metrics: dict, metric: str) -> float:
+    """How much worse the task metric is on the permuted test set than on the contaminated one: the
+    reliance on the spurious signal (positive = shortcut); for MAE, lower is better, so the sign flips."""
+    change = metrics["contaminated"][metric] - metrics["permuted"][metric]
+    return change if HIGHER_IS_BETTER[metric] else -change
+
+
 def task_metric(metric: str, pred: torch.Tensor, labels: torch.Tensor) -> float:
     """The named metric ("accuracy", "f1" or "mae") of class predictions over the whole set."""
     if metric not in METRIC_FUNCTIONS:

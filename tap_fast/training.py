@@ -27,7 +27,7 @@ from tap_fast.contamination import contaminate
 from tap_fast.datasets import DATASETS, Dataset, Split, clean_split, load_dataset
 from tap_fast.distributed import (DistContext, all_reduce_sum, env_ranks, init_distributed, per_rank_batch_size,
                                   shutdown, unwrap, wrap_ddp)
-from tap_fast.evaluation import evaluate_variants
+from tap_fast.evaluation import evaluate_variants, shortcut_drop
 from tap_fast.feeds import epoch_order
 from tap_fast.masks import check_mask_values
 from tap_fast.models import ARCHS, build_model, tap_points
@@ -499,7 +499,7 @@ def run(config: TrainConfig, data: PreparedData, ctx: DistContext | None = None)
         "metric": ds.metric,
         "metrics": metrics,
         "validation": validation,
-        "shortcut_drop": metrics["contaminated"][ds.metric] - metrics["permuted"][ds.metric],
+        "shortcut_drop": shortcut_drop(metrics, ds.metric),
         "loss_per_epoch": history["loss"],
         "task_loss_per_epoch": history["task_loss"],
         "penalty_per_epoch": history["penalty"],

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from tap_fast.contamination import contaminate, signal_permutation
 from tap_fast.distributed import DistContext
-from tap_fast.evaluation import accuracy, binary_f1, evaluate, evaluate_variants, mean_absolute_error, task_metric
+from tap_fast.evaluation import (accuracy, binary_f1, evaluate, evaluate_variants, mean_absolute_error,
+                                 shortcut_drop, task_metric)
 from tap_fast.feeds import epoch_order
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
 from tap_fast.models import build_model, tap_points
@@ -35,6 +36,13 @@ def test_metrics_match_hand_computations():
         task_metric("auc", torch.tensor([0]), torch.tensor([0]))
     with pytest.raises(ValueError, match="equal length"):
         accuracy(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+def test_shortcut_drop_is_positive_when_permuted_is_worse():
+    assert shortcut_drop({"contaminated": {"accuracy": 0.98}, "permuted": {"accuracy": 0.90}},
+                         "accuracy") == pytest.approx(0.08)
+    assert shortcut_drop({"contaminated": {"mae": 0.40}, "permuted": {"mae": 0.65}}, "mae") == pytest.approx(0.25)
+    assert shortcut_drop({"contaminated": {"f1": 0.7}, "permuted": {"f1": 0.8}}, "f1") == pytest.approx(-0.1)
 
 
 def test_binary_f1_agrees_with_sklearn():
