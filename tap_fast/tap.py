@@ -84,6 +84,9 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
         backend = "triton" if mask.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         return tap_penalty_reference(activations, mask, kernel_size=kernel_size, norm=norm, compound=compound)
+    if not _triton_available():
+        raise ValueError("backend='triton' needs the triton package, which is not installed; "
+                         "use backend='torch' or 'auto'")
     from kernels.tap_op import fused_tap_penalty
 
     return fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)

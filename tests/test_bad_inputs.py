@@ -1,4 +1,6 @@
 """Bad input to the TAP API raises ValueError/TypeError naming the argument."""
+import sys
+
 import pytest
 import torch
 
@@ -34,3 +36,10 @@ def test_downscale_rejects_bad_size():
         downscale_mask(MASK, (15, 7))
     with pytest.raises(ValueError, match="size must lie in"):
         downscale_mask(MASK, (0, 7))
+
+
+def test_triton_backend_without_triton_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails, as when it is absent
+    assert tap_penalty(ACTS, torch.ones(2, 1, 14, 14)).item() > 0  # "auto" takes the reference
+    with pytest.raises(ValueError, match="backend='triton' needs the triton package"):
+        tap_penalty(ACTS, MASK, backend="triton")
