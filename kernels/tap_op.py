@@ -16,7 +16,7 @@ exactly as for the reference. The mask gets no gradient.
 """
 # No `from __future__ import annotations`: torch.library infers the op schemas from real annotations.
 from collections.abc import Sequence
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -30,8 +30,8 @@ def _pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @torch.library.custom_op("tap_fast::downscale_masks", mutates_args=())
-def _downscale_masks(mask: torch.Tensor, sizes: list[int], kernel_size: int, compound: bool
-                     ) -> list[torch.Tensor]:
+def _downscale_masks(mask: torch.Tensor, sizes: List[int], kernel_size: int, compound: bool
+                     ) -> List[torch.Tensor]:
     return tap_launch.downscale_masks(mask, _pairs(sizes), kernel_size, compound)
 
 
@@ -42,8 +42,8 @@ def _(mask, sizes, kernel_size, compound):
 
 
 @torch.library.custom_op("tap_fast::tap_forward", mutates_args=())
-def _tap_forward(zs: list[torch.Tensor], ds: list[torch.Tensor], norm: str
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _tap_forward(zs: List[torch.Tensor], ds: List[torch.Tensor], norm: str
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     return tap_launch.tap_forward(zs, ds, norm)
 
 
@@ -84,7 +84,7 @@ _tap_forward.register_autograd(_tap_forward_backward, setup_context=_tap_forward
 
 
 def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int = 3,
-                          compound: bool = False) -> list[torch.Tensor]:
+                          compound: bool = False) -> List[torch.Tensor]:
     """Triton twin of ``tap_fast.masks.downscale_masks`` (eq. 7), bit-identical for fp32 masks.
 
     mask: (B, 1, H, W) or (B, H, W); returns one (B, H_l, W_l) map per size, in the mask's dtype for

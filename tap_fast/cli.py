@@ -82,8 +82,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="pneu/knee: keep decoded images here")
     p.add_argument("--image-size", type=_positive_int, help="resize images to this side (default: data set's)")
     p.add_argument("--limit-train", type=_positive_int, help="use at most N training images (stratified)")
-    p.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test images")
-    p.add_argument("--limit-val", type=_positive_int, help="validate on the first N validation images")
+    p.add_argument("--limit-test", type=_positive_int,
+                   help="evaluate on a fixed class-stratified subset of N test images")
+    p.add_argument("--limit-val", type=_positive_int,
+                   help="validate on a fixed class-stratified subset of N validation images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines on stderr")

@@ -70,12 +70,18 @@ def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
     derivatives: run BatchNorm models in eval mode for this term.
     """
     m = _input_mask(mask, inputs, soft, validate)
+    if targets.dim() != 1 or targets.shape[0] != inputs.shape[0] or targets.dtype != torch.long:
+        raise ValueError(f"targets must be (B,) int64 class indices with B = {inputs.shape[0]}, got shape "
+                         f"{tuple(targets.shape)} and dtype {targets.dtype}")
     params = [p for p in parameters if p.requires_grad]
     if not params:
         raise ValueError("parameters must contain at least one tensor that requires grad")
     task_loss = F.cross_entropy(logits, targets)
-    param_grads = torch.autograd.grad(task_loss, params, create_graph=True, allow_unused=True)
-    summed = sum(g.sum() for g in param_grads if g is not None)
+    param_grads = [g for g in torch.autograd.grad(task_loss, params, create_graph=True, allow_unused=True)
+                   if g is not None]
+    if not param_grads:
+        raise ValueError("parameters must include parameters of the model that produced logits")
+    summed = sum(g.sum() for g in param_grads)
     (influence,) = torch.autograd.grad(summed, inputs, create_graph=True)
     grad = input_gradient(logits, inputs, create_graph=True)
     return _reduce((m * influence * grad).square().sum((1, 2, 3)), reduction)

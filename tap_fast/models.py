@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,8 @@ class TwoLayerCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 28):
         super().__init__()
-        if input_size < 6:
-            raise ValueError(f"input_size must be at least 6 for TwoLayerCNN, got {input_size}")
+        if input_size < 8:
+            raise ValueError(f"input_size must be at least 8 for TwoLayerCNN, got {input_size}")
         self.conv1 = nn.Conv2d(in_channels, 100, 3, stride=1, padding=1)
         self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(100, 100, 3, stride=1, padding=0)
@@ -95,6 +96,20 @@ def _imagenet_state_dict(arch: str, weights: str | os.PathLike) -> dict:
     return torch.load(cached, map_location="cpu", weights_only=True)
 
 
+# torchvision's DenseNet checkpoints use the old key names "denselayer1.norm.1.weight"; its own loader renames
+# them to "denselayer1.norm1.weight" (torchvision.models.densenet._load_state_dict). So do we.
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _rename_old_densenet_keys(state_dict: dict) -> dict:
+    renamed = {}
+    for key, value in state_dict.items():
+        match = _OLD_DENSENET_KEY.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
+
+
 def build_model(arch: str, num_classes: int, in_channels: int = 1, weights: str | os.PathLike | None = None,
                 input_size: int = 28) -> nn.Module:
     """A model of ``arch`` for ``num_classes`` and 1 or 3 input channels.
@@ -114,7 +129,8 @@ def build_model(arch: str, num_classes: int, in_channels: int = 1, weights: str 
         return TwoLayerCNN(in_channels, num_classes, input_size)
     model = spec.build()
     if weights is not None:
-        model.load_state_dict(_imagenet_state_dict(arch, weights))
+        state_dict = _imagenet_state_dict(arch, weights)
+        model.load_state_dict(_rename_old_densenet_keys(state_dict) if arch == "densenet121" else state_dict)
     if in_channels == 1:
         old = model.get_submodule(spec.first_conv)
         new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tap_fast.annotations import TAUS, annotation_quality, random_masks, saliency_maps, threshold_saliency
 from tap_fast.compiled_step import make_step
 from tap_fast.contamination import contaminate
-from tap_fast.datasets import DATASETS, Dataset, Split, clean_split, load_dataset
+from tap_fast.datasets import DATASETS, Dataset, Split, clean_split, load_dataset, stratified_take
 from tap_fast.distributed import (DistContext, all_reduce_sum, env_ranks, init_distributed, per_rank_batch_size,
                                   shutdown, unwrap, wrap_ddp)
 from tap_fast.evaluation import evaluate_variants, shortcut_drop
@@ -241,8 +241,12 @@ def _contaminate(split: Split, dataset: Dataset, variant: str, seed: int) -> tup
                        seed=seed)
 
 
-def _first(split: Split, n: int | None) -> Split:
-    return split if n is None else Split(split.images[:n], split.labels[:n])
+def _limit(split: Split, n: int | None) -> Split:
+    """A fixed, class-stratified subset of n images (folder data sets are listed class by class, so the
+    first n would often hold one class only)."""
+    if n is None or n >= len(split):
+        return split
+    return split.subset(stratified_take(split.labels, n, torch.Generator().manual_seed(0))[0])
 
 
 def _versions(split: Split, dataset: Dataset, seed: int, variants: tuple[str, ...] = VARIANTS
@@ -266,7 +270,7 @@ def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = Non
         teacher_split, train = clean_split(train, config.teacher_fraction, seed=config.seed)
     variant = "clean" if config.clean_train else "contaminated"
     images, truth = _contaminate(train, dataset, variant, _variant_seed(config.seed, 1))
-    test, val = _first(dataset.test, config.limit_test), _first(dataset.val, config.limit_val)
+    test, val = _limit(dataset.test, config.limit_test), _limit(dataset.val, config.limit_val)
     data = PreparedData(
         dataset=dataset, train_images=images.to(device), train_labels=train.labels.to(device), train_masks=None,
         val={k: v.to(device) for k, v in _versions(val, dataset, _variant_seed(config.seed, 2), VAL_VARIANTS).items()},
@@ -280,7 +284,7 @@ def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = Non
         masks, teacher_info = teacher_annotations(config, dataset, teacher_split, data.train_images, data.test,
                                                   data.test_labels, ctx)
         info.update(teacher_info)
-        info.update(annotation_quality(masks, truth))
+        info.update(annotation_quality(masks.cpu(), truth.cpu()))
     check_mask_values(masks, name="training masks")
     data.train_masks = masks.to(device)
     return data
@@ -354,7 +358,7 @@ def annotate(config: TrainConfig, taus: tuple[float, ...] = TAUS) -> dict:
     teacher_split, rest = clean_split(dataset.train, config.teacher_fraction, seed=config.seed)
     images, truth = _contaminate(rest, dataset, "contaminated", _variant_seed(config.seed, 1))
     teacher, record = train_teacher(config, dataset, teacher_split, device)
-    test = _first(dataset.test, config.limit_test)
+    test = _limit(dataset.test, config.limit_test)
     record["metrics"] = evaluate_variants(
         teacher, {k: v.to(device) for k, v in _versions(test, dataset, _variant_seed(config.seed, 3)).items()},
         test.labels.to(device), metric=dataset.metric, mean=dataset.mean, std=dataset.std)
@@ -412,7 +416,7 @@ def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: t
     history: dict[str, list[float]] = {"loss": [], "task_loss": [], "penalty": [], "epoch_s": []}
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         if state["meta"] != meta:
             diff = sorted(k for k in set(state["meta"]) | set(meta or {})
                           if state["meta"].get(k) != (meta or {}).get(k))

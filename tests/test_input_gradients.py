@@ -116,3 +116,9 @@ def test_bad_inputs_name_the_argument():
         rrr_penalty(model(x), x, mask, reduction="max")
     with pytest.raises(ValueError, match="parameters must contain"):
         rbr_penalty(model(x), x, mask, y, [])
+    with pytest.raises(ValueError, match="parameters must include parameters of the model"):
+        rbr_penalty(model(x), x, mask, y, [torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"targets must be \(B,\) int64"):
+        rbr_penalty(model(x), x, mask, y.float(), model.parameters())
+    with pytest.raises(ValueError, match=r"targets must be \(B,\) int64"):
+        rbr_penalty(model(x), x, mask, y[:2], model.parameters())

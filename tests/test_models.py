@@ -1,4 +1,6 @@
 """Architectures and their TAP tap points (Appendix B, section 5.2, Appendix H)."""
+import re
+
 import pytest
 import torch
 import torchvision
@@ -55,6 +57,18 @@ def test_local_weights_are_loaded_and_summed_for_greyscale(tmp_path):
     torch.testing.assert_close(model.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
     torch.testing.assert_close(model.layer3[0].conv2.weight, reference.layer3[0].conv2.weight)
     assert model.fc.out_features == 2
+
+
+def test_densenet_checkpoints_with_old_key_names_load(tmp_path):
+    reference = torchvision.models.densenet121()
+    # as in torchvision's file: old key names, and no num_batches_tracked (it predates them)
+    old_style = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+                 for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old_style
+    torch.save(old_style, tmp_path / "densenet121.pth")
+    model = build_model("densenet121", num_classes=2, in_channels=3, weights=tmp_path / "densenet121.pth")
+    torch.testing.assert_close(model.features.denseblock2.denselayer3.conv2.weight,
+                               reference.features.denseblock2.denselayer3.conv2.weight)
 
 
 def test_unknown_arch_and_tap_name():

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tap_fast.contamination import contaminate, signal_permutation
+from tap_fast.datasets import stratified_take
 from tap_fast.distributed import DistContext
 from tap_fast.evaluation import (accuracy, binary_f1, evaluate, evaluate_variants, mean_absolute_error,
                                  shortcut_drop, task_metric)
@@ -213,7 +214,9 @@ def test_prepare_contaminates_each_split_once_with_ground_truth_masks():
     assert data.train_images.dtype == torch.uint8 and data.train_masks.dtype == torch.uint8
     assert torch.equal(data.train_masks.sum((1, 2, 3)), torch.full((100,), 16))  # one 4x4 decoy each
     assert set(data.test) == {"contaminated", "permuted", "clean"} and len(data.test_labels) == 40
-    assert torch.equal(data.test["clean"], ds.test.images[:40])
+    assert torch.equal(data.test["clean"], ds.test.subset(stratified_take(ds.test.labels, 40,
+                                                                          torch.Generator().manual_seed(0))[0]).images)
+    assert torch.equal(data.test_labels.bincount(minlength=10).clamp(max=1), torch.ones(10, dtype=torch.long))
     differs = (data.test["contaminated"] != data.test["permuted"]).any(1, keepdim=True)
     same_place = (data.test["contaminated"] != data.test["clean"]).any(1, keepdim=True)
     assert differs.any() and not (differs & ~same_place).any()  # permuting changes only decoy pixels
