@@ -326,7 +326,7 @@ def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Sp
     """
     key = {f: getattr(config, f) for f in ("dataset", "data_dir", "limit_train", "image_size", "seed", "arch",
                                           "weights", "lr", "batch_size", "momentum", "teacher_fraction",
-                                          "teacher_epochs", "tau", "annotations")}
+                                          "teacher_epochs", "tau", "annotations", "amp", "channels_last")}
     cache = Path(config.run_dir) / "annotations.pt" if config.run_dir else None
     if cache is not None and cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
