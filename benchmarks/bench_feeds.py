@@ -137,7 +137,7 @@ def test_folder_feed(benchmark, folders, name, backend):
 
 # --- markdown table ---------------------------------------------------------------------------------------
 
-def main(argv=None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the markdown to this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +145,11 @@ def main(argv=None) -> str:
                                                     "48 on the CPU)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     n_folder = args.images or (256 if gpu else 48)

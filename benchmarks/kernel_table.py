@@ -128,7 +128,9 @@ def time_config(model, batch, dtype, norm, device, impls, channels_last=False):
     return out, d_ms, z_bytes
 
 
-def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channels_last=False):
+def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channels_last=False, skip=(), emit=print):
+    """Markdown rows (header first) for every (model, batch, dtype) not in ``skip`` ("model:batch");
+    ``emit(row)`` is called on each row as soon as it is measured."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,8 +138,12 @@ def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channel
             "fwd+bwd GB/s | fwd+bwd % of copy | speedup vs eager | fwd+bwd ms, CUDA graph | "
             "speedup vs eager, CUDA graph | D maps ms |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        emit(row)
     for model in models:
         for batch in ((CNN2_BATCH,) if model == "cnn2" else batches):
+            if f"{model}:{batch}" in skip:
+                continue
             for dtype in dtypes:
                 times, d_ms, z_bytes = time_config(model, batch, dt[dtype], norm, device, impls, channels_last)
                 floors = (z_bytes, 2 * z_bytes, 3 * z_bytes)
@@ -149,11 +155,11 @@ def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channel
                                 f"{bwd:.3f} | {both:.3f} | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} | "
                                 f"{100 * gbs[2] / copy_gbs:.0f}% | {eager[2] / both:.2f}x | {graph:.3f} | "
                                 f"{eager[3] / graph:.2f}x | {d_col} |")
-                    print(rows[-1], flush=True)
+                    emit(rows[-1])
     return rows
 
 
-def memory_table(batch, device, dtype_name="fp32", steps=2):
+def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
     """Peak memory of one ResNet-18 training step (SGD, 224 x 224, 10 classes): no penalty vs TAP."""
     import torch
     import torch.nn.functional as F
@@ -163,6 +169,8 @@ def memory_table(batch, device, dtype_name="fp32", steps=2):
     from tap_fast.taps import TappedModel
 
     rows = ["| step (ResNet-18, batch %d, %s) | peak MiB | vs no penalty |" % (batch, dtype_name), "|---|---|---|"]
+    for row in rows:
+        emit(row)
     base = None
     for backend in (None, "triton", "torch"):
         torch.manual_seed(0)
@@ -191,18 +199,19 @@ def memory_table(batch, device, dtype_name="fp32", steps=2):
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         base = peak if base is None else base
         name = {None: "no penalty", "triton": "TAP, fused Triton", "torch": "TAP, eager reference"}[backend]
-        rows.append(f"| {name} | {peak:.0f} | {peak - base:+.0f} |")
-        print(rows[-1], flush=True)
+        rows.append(f"| {name} | {peak:.0f} | {peak - base:+.0f} ({100 * (peak - base) / base:+.2f}%) |")
+        emit(rows[-1])
         del model, opt, x, y, mask
         torch.cuda.empty_cache()
     return rows
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="also write the markdown to this file")
+    parser.add_argument("--out", type=Path, help="also write the markdown to this file (rewritten after each row)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 128], help="batches of the 224 x 224 models")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="MODEL:BATCH", help="(model, batch) pairs to leave out")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--norm", default="l1", choices=["l1", "l2sq"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
@@ -211,7 +220,22 @@ def main(argv=None):
     parser.add_argument("--memory-dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="bf16 = autocast")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check the command line; exits with a message naming the bad argument."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    for pair in args.skip:
+        model, _, batch = pair.partition(":")
+        if model not in MODELS or not batch.isdigit():
+            parser.error(f"--skip: expected MODEL:BATCH with MODEL in {list(MODELS)}, got {pair!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -221,25 +245,32 @@ def main(argv=None):
     if args.smoke:
         device, models, batches, dtypes = torch.device("cpu"), ["smoke"], [2], ["fp32"]
     elif not torch.cuda.is_available():
-        parser.error("needs a CUDA device (or --smoke)")
+        raise SystemExit("kernel_table.py needs a CUDA device (or --smoke for a tiny CPU run)")
     else:
         device, models, batches, dtypes = torch.device("cuda"), args.models, args.batches, args.dtypes
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     copy_gbs = copy_bandwidth_gbs(device)
-    lines = [f"# TAP kernels: {name}, torch {torch.__version__}, triton {triton.__version__}", "",
-             f"norm={args.norm}, channels_last={args.channels_last}; measured copy bandwidth {copy_gbs:.0f} GB/s "
-             "(read + write). Floors: fwd = bytes of Z, bwd = 2 x bytes of Z (read Z, write grad_Z), "
-             "fwd+bwd = 3 x bytes of Z. Every forward includes building the D maps from the mask.", ""]
-    print("\n".join(lines), flush=True)
-    lines += kernel_table(models, batches, dtypes, args.norm, device, args.impls, copy_gbs, args.channels_last)
+    lines = []
+
+    def emit(line):  # print and keep the file current, so that a run cut short leaves its rows
+        lines.append(line)
+        print(line, flush=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines) + "\n")
+
+    for line in [f"# TAP kernels: {name}, torch {torch.__version__}, triton {triton.__version__}", "",
+                 f"norm={args.norm}, channels_last={args.channels_last}; measured copy bandwidth {copy_gbs:.0f} GB/s "
+                 "(read + write). Floors: fwd = bytes of Z, bwd = 2 x bytes of Z (read Z, write grad_Z), "
+                 "fwd+bwd = 3 x bytes of Z. Every forward includes building the D maps from the mask.", ""]:
+        emit(line)
+    kernel_table(models, batches, dtypes, args.norm, device, args.impls, copy_gbs, args.channels_last,
+                 skip=set(args.skip), emit=emit)
     if device.type == "cuda" and args.memory_batch > 0:
         for dtype in args.memory_dtypes:
-            lines += [""] + memory_table(args.memory_batch, device, dtype)
-    text = "\n".join(lines) + "\n"
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print("\n" + text)
+            emit("")
+            memory_table(args.memory_batch, device, dtype, emit=emit)
+    emit("")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 from tap_fast.compiled_step import make_step
 from tap_fast.contamination import contaminate
 from tap_fast.feeds import epoch_order
-from tap_fast.models import build_model, tap_points
+from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.taps import TappedModel
 
 # row -> (label, method, TAP backend). "tap" is the fused Triton op on CUDA and the reference elsewhere.
@@ -72,9 +72,12 @@ def parse_config(text: str) -> Config:
     try:
         arch, rest = text.split("@")
         size, batch = rest.split(":")
-        return Config(arch, int(size), 0 if batch == "max" else int(batch))
+        config = Config(arch, int(size), 0 if batch == "max" else int(batch))
     except ValueError as e:
         raise ValueError(f"config must look like 'arch@size:batch' (batch an int or 'max'), got {text!r}") from e
+    if arch not in ARCHS:
+        raise ValueError(f"config {text!r}: unknown architecture {arch!r}; choose from {list(ARCHS)}")
+    return config
 
 
 def row_label(row: str, device: torch.device) -> str:
@@ -348,7 +351,7 @@ def machine(device: torch.device) -> str:
     return f"CPU, {os.cpu_count()} cores ({name or 'unknown'}; {torch.get_num_threads()} torch threads)"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tap-fast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--configs", nargs="*", default=None,
@@ -359,7 +362,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", default="none,tap,tap-ref", help="rows at the largest batch ('max' configs)")
     p.add_argument("--max-limit", type=int, default=1024, help="largest batch tried for 'max' configs")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated of fp32,bf16 (bf16 = autocast)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the No XS / TAP steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the No XS / TAP steps (and the MNIST "
+                                                          "protocol's; its compile time counts in its set-up)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="do not capture steps in CUDA graphs")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (GPU)")
@@ -377,8 +381,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; exits with a message naming the bad argument."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in (args.rows.split(",") if args.rows else []) + args.max_rows.split(","):
+        if name not in ROWS:
+            parser.error(f"--rows / --max-rows: unknown row {name!r}; choose from {list(ROWS)}")
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            parser.error(f"--dtypes: unknown dtype {name!r}; choose from {list(DTYPES)}")
+    for name in args.mnist_methods.split(","):
+        if name not in ("none", "tap", "rrr", "rbr"):
+            parser.error(f"--mnist-methods: unknown method {name!r}; choose from none, tap, rrr, rbr")
+    try:
+        args.configs = None if args.configs is None else [parse_config(c) for c in args.configs]
+    except ValueError as e:
+        parser.error(f"--configs: {e}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     start = time.perf_counter()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -387,16 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if gpu:
         torch.backends.cudnn.benchmark = True
-    configs = [parse_config(c) for c in (args.configs if args.configs is not None else
-                                         GPU_CONFIGS if gpu else CPU_CONFIGS)]
+    configs = args.configs if args.configs is not None else [parse_config(c) for c in (GPU_CONFIGS if gpu else
+                                                                                        CPU_CONFIGS)]
     rows = (args.rows or ("none,tap,tap-ref,rrr,rbr" if gpu else "none,tap,rrr,rbr")).split(",")
     dtypes = args.dtypes.split(",")
-    for name in rows + args.max_rows.split(","):
-        if name not in ROWS:
-            raise SystemExit(f"--rows: unknown row {name!r}; choose from {list(ROWS)}")
-    for name in dtypes:
-        if name not in DTYPES:
-            raise SystemExit(f"--dtypes: unknown dtype {name!r}; choose from {list(DTYPES)}")
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 mnist.append(mnist_protocol(device, epochs=args.mnist_epochs, n_train=args.mnist_n, method=method,
-                                            compile=args.compile or gpu, cuda_graphs=graphs,
+                                            compile=args.compile, cuda_graphs=graphs,
                                             data_dir=args.mnist_data))
             except Exception as e:
                 mnist.append({"method": method, "status": _status(e)})
