@@ -114,6 +114,11 @@ step steps_b16_compiled 60 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 --ro
     --dtypes fp32,bf16 --out "$TMP/steps_4"
 step steps_max_rest 60 "${ST[@]}" --configs vgg16@224:max densenet121@224:max --dtypes bf16,fp32 \
     --channels-last --out "$TMP/steps_5"
+# 6. DALI, when it was carried (benchmarks/dali_wheels.sh; PYTHONPATH=/tmp/site): its tests, CPU ones included,
+#    under the device's python and numpy (feeds and tests_engine above already took its GPU path).
+if [[ "$PLAN" == 1 ]] || "$PY" -c "import nvidia.dali" 2>/dev/null; then
+    step tests_dali 90 "${PYTEST[@]}" tests/test_dali_feed.py
+fi
 
 if [[ "$PLAN" == 1 ]]; then exit 0; fi
 collect

@@ -199,9 +199,10 @@ def test_pil_grey_is_pillow_exact():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["knee", "pneu"])
-def test_gpu_folder_feed_equals_reference(name, knee, pneu):
-    """Whichever backend runs on this machine (torchvision's nvJPEG without DALI), on cuda:0."""
+def test_gpu_folder_feed_equals_reference(name, backend, knee, pneu):
+    """DALI's GPU pipeline (mixed decode) and torchvision's nvJPEG path, on cuda:0."""
     root = {"knee": knee, "pneu": pneu}[name]
     ref = load_dataset(name, root).train
     num_classes = ref.labels.max().item() + 1
@@ -210,7 +211,7 @@ def test_gpu_folder_feed_equals_reference(name, knee, pneu):
     files, labels = folder_split(name, root, "train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the fallback notice
-        feed = make_feed(files, labels, "auto", kind=kind, num_classes=num_classes, variant="permuted", seed=7,
+        feed = make_feed(files, labels, backend, kind=kind, num_classes=num_classes, variant="permuted", seed=7,
                          device_id=0, drop_last=False)
     for idx, x, y, m in feed.indexed():
         assert x.is_cuda and m.is_cuda and y.is_cuda
