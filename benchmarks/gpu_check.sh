@@ -89,8 +89,9 @@ step environment 30 "$PY" -c "import torch, triton; print('torch', torch.__versi
 '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(), '|', torch.cuda.get_device_properties(0))"
 # 2. Issue 4: the fused kernels equal the reference on CUDA (fp32, bf16), then the target shapes:
 #    ResNet-18 batch 128 (fused vs eager vs torch.compile of the reference) and the peak-memory table.
-step tests_kernels 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_kernels.py tests/test_compiled_step.py -m gpu
-step kernels_resnet18 90 "${KT[@]}" --models resnet18 --batches 128 --memory-batch 64 --out "$TMP/kernel_1.md"
+step tests_kernels 150 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_kernels.py tests/test_compiled_step.py \
+    tests/test_tap_identity_step.py -m gpu
+step kernels_resnet18 100 "${KT[@]}" --models resnet18 --batches 128 --memory-batch 64 --out "$TMP/kernel_1.md"
 # 3. Issue 5: training steps at the paper's Table 1 setting (batch 16, 224 x 224) and MNIST shapes.
 step steps_b16_fp32 100 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 vgg16@224:16 densenet121@224:16 \
     --dtypes fp32 --out "$TMP/steps_1"
@@ -102,7 +103,10 @@ step steps_b16_bf16 70 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 vgg16@22
 step feeds 45 "$PY" benchmarks/bench_feeds.py --out "$TMP/feeds_1.md"
 step tests_engine 90 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compiled_engine.py tests/test_feeds.py \
     tests/test_dali_feed.py -m gpu
-# 5. With the time left: the other kernel shapes, l2sq, channels_last, compiled steps, the other largest batches.
+# 5. With the time left: the identity form of the fused op (TAP inside the forward) beside the separate one,
+#    the other kernel shapes, l2sq, channels_last, compiled steps, the other largest batches.
+step steps_identity 60 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 --rows none,tap,tap-id --dtypes fp32,bf16 \
+    --out "$TMP/steps_6"
 step kernels_rest 100 "${KT[@]}" --models cnn2 resnet18 vgg16 densenet121 --batches 16 128 --memory-batch 0 \
     --skip resnet18:128 --out "$TMP/kernel_2.md"
 step kernels_l2sq 40 "${KT[@]}" --norm l2sq --models resnet18 --batches 128 --impls fused eager \

@@ -160,7 +160,8 @@ def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channel
 
 
 def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
-    """Peak memory of one ResNet-18 training step (SGD, 224 x 224, 10 classes): no penalty vs TAP."""
+    """Peak memory of one ResNet-18 training step (SGD, 224 x 224, 10 classes): no penalty vs TAP (fused,
+    its identity form inside the forward, eager reference)."""
     import torch
     import torch.nn.functional as F
 
@@ -172,7 +173,7 @@ def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
     for row in rows:
         emit(row)
     base = None
-    for backend in (None, "triton", "torch"):
+    for backend in (None, "triton", "identity", "torch"):
         torch.manual_seed(0)
         model = TappedModel(build_model("resnet18", 10, in_channels=3).to(device), tap_points("resnet18"))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -183,10 +184,14 @@ def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
         def step():
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bf16"):
-                logits, acts = model(x)
-                loss = F.cross_entropy(logits, y)
-                if backend is not None:
-                    loss = loss + 0.1 * tap_penalty(acts, mask, validate=False, backend=backend)
+                if backend == "identity":
+                    logits, penalty = model.forward_tap(x, mask)
+                    loss = F.cross_entropy(logits, y) + 0.1 * penalty
+                else:
+                    logits, acts = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    if backend is not None:
+                        loss = loss + 0.1 * tap_penalty(acts, mask, validate=False, backend=backend)
             loss.backward()
             opt.step()
 
@@ -198,7 +203,8 @@ def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         base = peak if base is None else base
-        name = {None: "no penalty", "triton": "TAP, fused Triton", "torch": "TAP, eager reference"}[backend]
+        name = {None: "no penalty", "triton": "TAP, fused Triton", "identity": "TAP, fused identity form",
+                "torch": "TAP, eager reference"}[backend]
         rows.append(f"| {name} | {peak:.0f} | {peak - base:+.0f} ({100 * (peak - base) / base:+.2f}%) |")
         emit(rows[-1])
         del model, opt, x, y, mask

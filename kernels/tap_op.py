@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from kernels import tap_launch
-from tap_fast.masks import _check_kernel_size, as_mask_batch
+from tap_fast.masks import check_kernel_size, as_mask_batch
 from tap_fast.tap import check_tap_inputs
 
 
@@ -91,7 +91,7 @@ def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], ke
     fp32/fp16/bf16 masks and fp32 otherwise.
     """
     mask = as_mask_batch(mask)
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     flat = [int(v) for size in sizes for v in size]
     return _downscale_masks(mask.detach(), flat, kernel_size, compound)
 

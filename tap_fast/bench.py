@@ -32,9 +32,11 @@ from tap_fast.feeds import epoch_order
 from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.taps import TappedModel
 
-# row -> (label, method, TAP backend). "tap" is the fused Triton op on CUDA and the reference elsewhere.
+# row -> (label, method, TAP backend). "tap" is the fused Triton op on CUDA and the reference elsewhere;
+# "tap-id" (its identity form inside the forward, Triton only) runs only when asked for with --rows.
 ROWS = {"none": ("No XS", "none", "auto"), "tap": ("TAP (fused)", "tap", "auto"),
-        "tap-ref": ("TAP (reference)", "tap", "torch"), "rrr": ("RRR", "rrr", "torch"), "rbr": ("RBR", "rbr", "torch")}
+        "tap-ref": ("TAP (reference)", "tap", "torch"), "rrr": ("RRR", "rrr", "torch"), "rbr": ("RBR", "rbr", "torch"),
+        "tap-id": ("TAP (fused, identity form)", "tap", "identity")}
 # lambda only scales a gradient term, so its value does not change a step's cost.
 TIMING_LAMBDA = {"none": 0.0, "tap": 1e-3, "rrr": 1e-3, "rbr": 1.0}
 # Table 1 of the paper (RTX 3080 10 GB, PyTorch 1.13, batch 16, 224x224): (it/s, GB); None = OOM.
@@ -357,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="*", default=None,
                    help="arch@size:batch (batch an int or 'max'); default: the paper's set on a GPU "
                         f"{' '.join(GPU_CONFIGS)}, on the CPU {' '.join(CPU_CONFIGS)}")
-    p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default all on a GPU, "
-                                                "none,tap,rrr,rbr on the CPU")
+    p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default none,tap,tap-ref,rrr,rbr "
+                                                "on a GPU, none,tap,rrr,rbr on the CPU")
     p.add_argument("--max-rows", default="none,tap,tap-ref", help="rows at the largest batch ('max' configs)")
     p.add_argument("--max-limit", type=int, default=1024, help="largest batch tried for 'max' configs")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated of fp32,bf16 (bf16 = autocast)")

@@ -17,9 +17,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tap_fast.distributed import unwrap
-from tap_fast.tap import BACKENDS, NORMS
-from tap_fast.taps import TappedModel
-from tap_fast.train_step import METHODS, train_step
+from tap_fast.tap import NORMS
+from tap_fast.taps import TappedModel, identity_form_ops
+from tap_fast.train_step import BACKENDS, METHODS, train_step
 
 COMPILED_METHODS = ("none", "tap")  # RRR / RBR need double backward, which torch.compile cannot trace
 AMP_DTYPES = (None, torch.bfloat16)
@@ -117,7 +117,8 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
 
     Args:
         method, lam, norm, kernel_size, compound, backend: as :func:`~tap_fast.train_step.train_step`
-            (``backend`` is TAP's: "auto" takes the fused Triton op on CUDA).
+            (``backend`` is TAP's: "auto" takes the fused Triton op on CUDA, "identity" its identity form
+            inside the forward).
         mean, std: normalisation of the uint8 images, as (x / 255 - mean) / std.
         explain_in_eval: RRR / RBR explanations from an eval-mode pass; None: when the model has BatchNorm.
         compile: ``torch.compile`` the step (methods "none" and "tap"; RRR / RBR run eager). Static shapes
@@ -181,6 +182,8 @@ def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cu
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if method == "tap" and backend == "identity":
+        identity_form_ops(next(unwrap(model).parameters()), "model")
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {amp_dtype!r} (float16 would need "
                          "loss scaling)")

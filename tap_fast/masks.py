@@ -38,7 +38,8 @@ def check_mask_values(mask: torch.Tensor, *, soft: bool = False, name: str = "ma
                          "pass soft=True to allow soft masks in [0, 1]")
 
 
-def _check_kernel_size(kernel_size: int) -> None:
+def check_kernel_size(kernel_size: int) -> None:
+    """ValueError unless ``kernel_size`` (the max-pool window of eq. 7) is a positive odd int."""
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
 
@@ -58,7 +59,7 @@ def downscale_mask(mask: torch.Tensor, size: Sequence[int], kernel_size: int = 3
         (B, H_l, W_l) float tensor in [0, 1].
     """
     mask = as_mask_batch(mask)
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     h_l, w_l = (int(s) for s in size)
     if not (0 < h_l <= mask.shape[-2] and 0 < w_l <= mask.shape[-1]):
         raise ValueError(f"size must lie in [1, mask size]: got {(h_l, w_l)} for mask size "
@@ -76,7 +77,7 @@ def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_s
     the same for every layer, is computed once."""
     out, prev = [], as_mask_batch(mask)
     if not compound:
-        _check_kernel_size(kernel_size)
+        check_kernel_size(kernel_size)
         m = prev if prev.is_floating_point() else prev.float()
         if kernel_size > 1:
             m = F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2)

@@ -81,10 +81,10 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     if validate:
         check_mask_values(mask, soft=soft)
     if backend == "auto":
-        backend = "triton" if mask.is_cuda and _triton_available() else "torch"
+        backend = "triton" if mask.is_cuda and triton_available() else "torch"
     if backend == "torch":
         return tap_penalty_reference(activations, mask, kernel_size=kernel_size, norm=norm, compound=compound)
-    if not _triton_available():
+    if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed; "
                          "use backend='torch' or 'auto'")
     from kernels.tap_op import fused_tap_penalty
@@ -92,7 +92,8 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     return fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)
 
 
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether the triton package imports (the fused kernels are optional)."""
     try:
         import triton  # noqa: F401
     except ImportError:

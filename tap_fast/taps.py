@@ -1,4 +1,5 @@
-"""Tap points: collect the outputs Z^l of named modules with forward hooks, for any CNN."""
+"""Tap points: collect the outputs Z^l of named modules with forward hooks, for any CNN; or compute TAP
+(eq. 8) inside those hooks, in the identity form of the fused kernels (``kernels.tap_op.tap_identity``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,12 +7,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from tap_fast.masks import check_kernel_size, as_mask_batch
+from tap_fast.tap import NORMS, triton_available
+
 
 class TappedModel(nn.Module):
     """Wraps ``model`` so that ``forward(x)`` returns ``(logits, [Z^l for each tap name])``.
 
     The activations are the named modules' outputs, in the order of ``tap_names``; they stay in the
     autograd graph, so a penalty on them trains the model. Works for any nn.Module.
+    ``forward(x, masks, ...)`` is :meth:`forward_tap` (TAP computed in the hooks); call it that way through
+    a DDP wrapper, whose forward must run for gradients to be synchronised.
     """
 
     def __init__(self, model: nn.Module, tap_names: Sequence[str]):
@@ -26,27 +32,109 @@ class TappedModel(nn.Module):
                              f"known names include {known}")
         self.model = model
         self.tap_names = tuple(tap_names)
-        self._outputs: dict[str, torch.Tensor] = {}
+        self._taps = _TapState()
         for name in self.tap_names:
-            modules[name].register_forward_hook(_TapHook(name, self._outputs))
+            modules[name].register_forward_hook(_TapHook(name, self._taps))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._outputs.clear()
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None, *, kernel_size: int = 3,
+                norm: str = "l1", compound: bool = False):
+        """``(logits, [Z^l ...])``; given ``masks``, :meth:`forward_tap`'s ``(logits, penalty)``."""
+        if masks is not None:
+            return self.forward_tap(x, masks, kernel_size=kernel_size, norm=norm, compound=compound)
+        state = self._taps
+        state.outputs.clear()
         logits = self.model(x)
-        acts = [self._outputs[n] for n in self.tap_names]
-        self._outputs.clear()
+        acts = [state.outputs[n] for n in self.tap_names]
+        state.outputs.clear()
         return logits, acts
+
+    def forward_tap(self, x: torch.Tensor, masks: torch.Tensor, *, kernel_size: int = 3, norm: str = "l1",
+                    compound: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward with TAP computed inside the tap hooks: ``(logits, penalty)``.
+
+        Each hook passes its Z^l through ``tap_identity`` with that layer's D(M, l) (eq. 7) and returns it
+        unchanged, so the backward adds the penalty's gradient into the gradient arriving at Z^l in the
+        same pass (3 Z-sized memory transfers per layer instead of 5). penalty = (1/L) sum_l mean_b sum_hw
+        f(D * A^l), eq. 8 as ``tap_penalty_reference(forward(x)[1], masks, ...)`` computes it (fp32).
+
+        Needs Triton and CUDA tensors, or the CPU with TRITON_INTERPRET=1. Does not check the masks'
+        values (a host sync): check them once per data set (``tap_fast.masks.check_mask_values``).
+
+        Args:
+            x: the model's input batch (B, C, H, W).
+            masks: (B, 1, H, W) or (B, H, W) at the input's resolution, 1 = spurious pixel.
+            kernel_size, norm: as :func:`~tap_fast.tap.tap_penalty`.
+            compound: must be False: the released code's chained downscaling is not supported here.
+        """
+        if compound:
+            raise ValueError("compound=True (chained mask downscaling) is not supported by the identity form "
+                             "(forward_tap, backend='identity'); use backend='torch' or 'triton'")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        check_kernel_size(kernel_size)
+        masks = as_mask_batch(masks, "masks")
+        if masks.shape[0] != x.shape[0] or masks.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"masks must be (B, 1, H, W) = {(x.shape[0], 1, *x.shape[-2:])} like the input, got "
+                             f"{tuple(masks.shape)}")
+        if masks.device != x.device:
+            raise ValueError(f"masks is on {masks.device} but the input is on {x.device}")
+        tap_op = identity_form_ops(masks, "masks")
+        state = self._taps
+        # The max-pool of eq. 7 once, at input resolution (one compound step to the same size); each hook
+        # then only average-pools it to its layer's size: D maps bit-identical to fused_tap_penalty's.
+        (state.pooled_mask,) = tap_op.fused_downscale_masks(masks, [masks.shape[-2:]], kernel_size, compound=True)
+        state.norm = norm
+        state.penalties.clear()
+        try:
+            logits = self.model(x)
+            penalty = sum(state.penalties[n] for n in self.tap_names) / len(self.tap_names)
+        finally:
+            state.pooled_mask = None
+            state.penalties.clear()
+        return logits, penalty
+
+
+def identity_form_ops(t: torch.Tensor, name: str):
+    """``kernels.tap_op``, imported on first use (tap_fast imports without Triton), after checking that the
+    identity form can run on ``t``'s device; ValueError naming ``name`` otherwise."""
+    if not triton_available():
+        raise ValueError("the identity form of TAP (forward_tap, backend='identity') needs the triton package, "
+                         "which is not installed; use backend='torch'")
+    from kernels import tap_launch, tap_op
+
+    tap_launch.check_launchable(t, name)
+    return tap_op
+
+
+class _TapState:
+    """What a TappedModel shares with its hooks: the outputs a plain forward collects, or, during
+    forward_tap, the max-pooled mask, the norm and each tap's penalty (all cleared when forward returns)."""
+
+    def __init__(self):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.pooled_mask: torch.Tensor | None = None
+        self.norm = "l1"
+        self.penalties: dict[str, torch.Tensor] = {}
 
 
 class _TapHook:
-    """Forward hook storing a module's output in ``store[name]``. An object, not a closure, so that
-    copy.deepcopy of a TappedModel gives hooks that fill the copy's store, not the original's."""
+    """Forward hook storing a module's output in ``state.outputs[name]``, or, during forward_tap, returning
+    it through ``tap_identity`` and storing its penalty. An object, not a closure, so that copy.deepcopy of
+    a TappedModel gives hooks that use the copy's state, not the original's."""
 
-    def __init__(self, name: str, store: dict[str, torch.Tensor]):
-        self.name, self.store = name, store
+    def __init__(self, name: str, state: _TapState):
+        self.name, self.state = name, state
 
-    def __call__(self, module: nn.Module, args, output) -> None:
+    def __call__(self, module: nn.Module, args, output) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             raise ValueError(f"tap {self.name!r} must output a (B, C, H, W) tensor, got "
                              f"{getattr(output, 'shape', type(output).__name__)}")
-        self.store[self.name] = output
+        state = self.state
+        if state.pooled_mask is None:
+            state.outputs[self.name] = output
+            return None
+        from kernels.tap_op import fused_downscale_masks, tap_identity
+
+        (d,) = fused_downscale_masks(state.pooled_mask, [output.shape[-2:]], 1)
+        output, state.penalties[self.name] = tap_identity(output, d, norm=state.norm)
+        return output

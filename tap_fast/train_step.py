@@ -6,9 +6,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
+from tap_fast.tap import BACKENDS as TAP_BACKENDS
 from tap_fast.tap import tap_penalty
 
 METHODS = ("none", "tap", "rrr", "rbr")
+# TAP backends of a step: tap_penalty's, and "identity" (TAP inside the forward, TappedModel.forward_tap)
+BACKENDS = (*TAP_BACKENDS, "identity")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -26,7 +29,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         method: "none" (cross-entropy only), "tap" (eq. 8), "rrr" (eq. 4, released code's per-sample mask
             rescaling and batch mean) or "rbr" (identity-Hessian RBR, summed over the batch).
         lam: lambda of eq. 3.
-        norm, kernel_size, compound, backend: passed to :func:`~tap_fast.tap.tap_penalty`.
+        norm, kernel_size, compound: passed to :func:`~tap_fast.tap.tap_penalty`.
+        backend: "auto", "torch" or "triton": passed to :func:`~tap_fast.tap.tap_penalty`; "identity": the
+            fused kernels' identity form inside the forward (:meth:`~tap_fast.taps.TappedModel.forward_tap`;
+            Triton on CUDA, or TRITON_INTERPRET=1 on the CPU; compound=False only).
         explain_in_eval: compute the RRR / RBR term from a second forward pass in eval mode, as the released
             code does; needed for BatchNorm models, whose training-mode backward lacks 3rd-order derivatives.
     """
@@ -34,11 +40,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     input_grad = method in ("rrr", "rbr") and not explain_in_eval
     if input_grad:
         x.requires_grad_(True)
-    logits, activations = model(x)
+    tap_in_forward = method == "tap" and backend == "identity"
+    if tap_in_forward:
+        if masks is None:
+            raise ValueError("masks must be a (B, 1, H, W) tensor for method 'tap', got None")
+        # model(x, masks) is TappedModel.forward_tap; called through __call__ so that a DDP wrapper's forward runs
+        logits, penalty = model(x, masks, kernel_size=kernel_size, norm=norm, compound=compound)
+    else:
+        logits, activations = model(x)
     task_loss = F.cross_entropy(logits, labels)
 
     if method == "none":
         penalty = torch.zeros((), device=task_loss.device)
+    elif tap_in_forward:
+        pass  # the penalty came with the logits
     elif method == "tap":
         penalty = tap_penalty(activations, masks, kernel_size=kernel_size, norm=norm, compound=compound,
                               validate=False, backend=backend)

@@ -13,6 +13,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from step_batches import uint8_batches
 from tap_fast.compiled_step import make_step, rbr_scale, uses_batchnorm
 from tap_fast.models import build_model, tap_points
 from tap_fast.taps import TappedModel
@@ -25,17 +26,6 @@ CUDA = torch.cuda.is_available()
 def _model(arch="cnn2", device="cpu", seed=0):
     torch.manual_seed(seed)
     return TappedModel(build_model(arch, 10, input_size=28), tap_points(arch)).to(device)
-
-
-def _batches(n, batch, device="cpu", seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, 256, (batch, 1, 28, 28), generator=g, dtype=torch.uint8)
-        y = torch.randint(0, 10, (batch,), generator=g)
-        m = (torch.rand(batch, 1, 28, 28, generator=g) > 0.7).to(torch.uint8)
-        out.append((x.to(device), y.to(device), m.to(device)))
-    return out
 
 
 def _train(step, batches):
@@ -60,7 +50,7 @@ def _assert_params_close(a, b, atol, rtol=1e-4):
 def test_compiled_step_matches_eager(method, backend):
     """TAP through inductor's code generation; "none" through dynamo + AOTAutograd only (aot_eager), which
     checks the same capture of forward, backward and optimizer step at a third of the compile time."""
-    batches = _batches(4, 6)
+    batches = uint8_batches(4, 6)
     ref_model, ref_losses = _eager_run(method, batches, backend="torch")
     torch._dynamo.reset()
     counters.clear()
@@ -83,7 +73,7 @@ def test_forward_and_penalty_trace_as_one_graph(method):
     graph, and compiles with fullgraph=True."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y, m = _batches(1, 5)[0]
+    x, y, m = uint8_batches(1, 5)[0]
     torch._dynamo.reset()
     ex = torch._dynamo.explain(train_step)(model, opt, x, y, m, method=method, lam=1e-3, mean=MEAN, std=STD,
                                            backend="torch")
@@ -112,7 +102,7 @@ def test_forward_and_penalty_trace_as_one_graph(method):
 
 @pytest.mark.parametrize("method", ["rrr", "rbr"])
 def test_double_backward_methods_stay_eager_under_compile(method):
-    batches = _batches(2, 4)
+    batches = uint8_batches(2, 4)
     ref_model, ref_losses = _eager_run(method, batches)
     torch._dynamo.reset()
     counters.clear()
@@ -126,7 +116,7 @@ def test_double_backward_methods_stay_eager_under_compile(method):
 
 
 def test_bf16_autocast_and_channels_last():
-    batches = _batches(2, 5)
+    batches = uint8_batches(2, 5)
     ref_model, ref_losses = _eager_run("tap", batches)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -204,7 +194,7 @@ def test_bad_arguments_cuda():
                                             ("none", True)])
 def test_cuda_graph_step_matches_eager(method, compile):
     """Warm-up on a side stream, capture, replays, then an odd-sized batch that runs uncaptured."""
-    batches = _batches(8, 8, "cuda") + _batches(1, 5, "cuda", seed=2) + _batches(2, 8, "cuda", seed=3)
+    batches = uint8_batches(8, 8, "cuda") + uint8_batches(1, 5, "cuda", seed=2) + uint8_batches(2, 8, "cuda", seed=3)
     ref_model, ref_losses = _eager_run(method, batches, device="cuda")
     torch._dynamo.reset()
     model = _model(device="cuda")
@@ -219,7 +209,7 @@ def test_cuda_graph_step_matches_eager(method, compile):
 @gpu
 @pytest.mark.gpu
 def test_cuda_graph_hot_loop_never_syncs_and_outputs_persist():
-    batches = _batches(6, 16, "cuda")
+    batches = uint8_batches(6, 16, "cuda")
     model = _model(device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = make_step(model, opt, method="tap", lam=1e-3, mean=MEAN, std=STD, cuda_graphs=True)
@@ -240,7 +230,7 @@ def test_cuda_graph_hot_loop_never_syncs_and_outputs_persist():
 @gpu
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_compiled_graph():
-    batches = _batches(6, 16, "cuda")
+    batches = uint8_batches(6, 16, "cuda")
     _, ref_losses = _eager_run("tap", batches, device="cuda")
     torch._dynamo.reset()
     model = _model(device="cuda")
