@@ -31,6 +31,7 @@ from tap_fast.tap import NORMS
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE_ELEMENTS = 4096
 SUM_BLOCK = 4096
+MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits on a launch grid's axes 0, 1, 2
 
 
 def interpreter_enabled() -> bool:
@@ -74,6 +75,16 @@ def _tile(c: int, hw: int, batch: int, target: int, split_channels: bool) -> tup
         if block_p == 16 or programs >= target:
             return block_c, block_p
         block_p //= 2
+
+
+def checked_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """``grid``, or ValueError if an axis exceeds CUDA's limit (MAX_GRID): the forward and backward put the
+    batch on axis 1 or 2, so batches above 65535 samples must be split. ``what`` names the launch's input."""
+    for axis, (n, limit) in enumerate(zip(grid, MAX_GRID)):
+        if n > limit:
+            raise ValueError(f"{what}: its launch grid {grid} exceeds CUDA's limit of {limit} programs on axis "
+                             f"{axis}; the fused TAP kernels take batches of at most 65535 samples (split the batch)")
+    return grid
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -186,7 +197,8 @@ def tap_forward(zs: Sequence[torch.Tensor], ds: Sequence[torch.Tensor], norm: st
         d = _check_map(d, z, f"D map {i}")
         z, strides = _strided(z)
         block_c, block_p = _tile(z.shape[1], z.shape[2] * z.shape[3], batch, target, split_channels=False)
-        plans.append((z, d, strides, block_c, block_p, triton.cdiv(z.shape[2] * z.shape[3], block_p)))
+        n_pblocks, _ = checked_grid((triton.cdiv(z.shape[2] * z.shape[3], block_p), batch), f"activations[{i}]")
+        plans.append((z, d, strides, block_c, block_p, n_pblocks))
     partials = torch.empty(sum(batch * p[-1] for p in plans), device=device, dtype=torch.float32)
     weights, start = [], 0
     for z, d, strides, block_c, block_p, n_pblocks in plans:
@@ -227,7 +239,7 @@ def tap_grad(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_lay
     else:
         grad_out, o_strides = z, (0, 0, 0)  # placeholder pointer, never read
     block_c, block_p = _tile(c, h * wd, b, _target_programs(z.device), split_channels=True)
-    grid = (triton.cdiv(h * wd, block_p), triton.cdiv(c, block_c), b)
+    grid = checked_grid((triton.cdiv(h * wd, block_p), triton.cdiv(c, block_c), b), "z")
     tap_backward_kernel[grid](z, w, grad_penalty.reshape(()), grad_out, out, 1.0 / (n_layers * b), c, h * wd,
                               *z_strides, *o_strides, *_pixel_strides(out),
                               HAS_GRAD_OUT=has_grad_out, BLOCK_C=block_c, BLOCK_P=block_p)

@@ -442,10 +442,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg_rows, batch = rows, config.batch
             if batch == 0:
                 cfg_rows = args.max_rows.split(",")
-                batch = largest_batch(config, device, dtype=dtype, channels_last=args.channels_last,
-                                      limit=args.max_limit)
+                try:
+                    batch = largest_batch(config, device, dtype=dtype, channels_last=args.channels_last,
+                                          limit=args.max_limit)
+                    status = "OOM at 16"
+                except Exception as e:  # a CUDA / cuDNN error at a large batch ends this config, not the table
+                    batch, status = 0, f"largest batch: {_status(e)}"
                 if batch == 0:
-                    results += [_result(config, 0, r, dtype, device, None, status="OOM at 16") for r in cfg_rows]
+                    results += [_result(config, 0, r, dtype, device, None, status=status) for r in cfg_rows]
+                    flush()
                     continue
             if gpu:
                 results += measure_gpu(config, batch, cfg_rows, dtype, device,

@@ -352,6 +352,10 @@ class FolderFeed:
         from torchvision.io import ImageReadMode, decode_jpeg
         is_jpeg = [_is_jpeg(self.files[i]) for i in index.tolist()]
         jpegs = [data for data, j in zip(loaded, is_jpeg) if j]
+        if jpegs:
+            # nvJPEG may write its outputs before work already queued on this stream has run, into blocks the
+            # caching allocator recycled from that work (pytorch/vision#9606): let the queue drain first.
+            torch.cuda.current_stream(self.device).synchronize()
         rgb = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else [])
         return [pil_grey(next(rgb)) if j else im.to(self.device, non_blocking=True) for im, j in zip(loaded, is_jpeg)]
 

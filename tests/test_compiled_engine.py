@@ -192,7 +192,7 @@ def test_bad_arguments_cuda():
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,compile", [("tap", False), ("none", False), ("rrr", False), ("tap", True),
                                             ("none", True)])
-def test_cuda_graph_step_matches_eager(method, compile):
+def test_cuda_graph_step_matches_eager(method, compile, exact_cuda):
     """Warm-up on a side stream, capture, replays, then an odd-sized batch that runs uncaptured."""
     batches = uint8_batches(8, 8, "cuda") + uint8_batches(1, 5, "cuda", seed=2) + uint8_batches(2, 8, "cuda", seed=3)
     ref_model, ref_losses = _eager_run(method, batches, device="cuda")

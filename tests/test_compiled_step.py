@@ -111,19 +111,10 @@ def test_compiled_identity_form_cpu_interpreter():
                                **TOL)
 
 
-@pytest.fixture
-def no_tf32():
-    """TF32 convolutions would differ between eager and Inductor's (possibly channels_last) layouts."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("norm", ["l1", "l2sq"])
-def test_compiled_triton_step_cuda_graphs(norm, no_tf32):
+def test_compiled_triton_step_cuda_graphs(norm, exact_cuda):
     pytest.importorskip("triton")
     from kernels.tap_launch import interpreter_enabled
 

@@ -58,18 +58,6 @@ CUDA_FP32 = pytest.param("cuda", torch.float32, marks=ON_CUDA, id="cuda-fp32")
 CUDA_BF16 = pytest.param("cuda", torch.bfloat16, marks=ON_CUDA, id="cuda-bf16")
 
 
-@pytest.fixture
-def exact_cuda():
-    """No TF32 and deterministic cuDNN: ulp-level differences in grad(Z) must stay ulp-level."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.deterministic)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
-    yield
-    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.deterministic) = saved
-
-
 def _setup(case, device):
     arch, b, (h, w), norm, kernel_size, kind = CASES[case]
     torch.manual_seed(0)
