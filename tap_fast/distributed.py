@@ -65,12 +65,16 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init_distributed(device: str | torch.device = "auto", env: Mapping[str, str] | None = None) -> DistContext:
+def init_distributed(device: str | torch.device = "auto", env: Mapping[str, str] | None = None, *,
+                     cuda_graphs: bool = False) -> DistContext:
     """Read torchrun's environment and, when WORLD_SIZE > 1, join the process group (env:// rendezvous:
     MASTER_ADDR / MASTER_PORT, which torchrun sets).
 
     ``device``: "auto" (cuda:LOCAL_RANK when CUDA is available, else the CPU), "cuda" (cuda:LOCAL_RANK),
     "cpu", or an explicit device. Without torchrun's variables this is a single-process context.
+    ``cuda_graphs``: the DDP step will be captured in a CUDA graph, which needs NCCL's asynchronous error
+    handling off before the group is made (torch's CUDA-graph notes, "Usage with DistributedDataParallel";
+    torchrun turns it on): TORCH_NCCL_ASYNC_ERROR_HANDLING is set to 0 in this process.
     """
     rank, world_size, local_rank = env_ranks(env)
     if device == "auto":
@@ -83,6 +87,8 @@ def init_distributed(device: str | torch.device = "auto", env: Mapping[str, str]
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        if cuda_graphs and device.type == "cuda":
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         dist.init_process_group(backend_for(device), init_method="env://", rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, device)
 

@@ -525,7 +525,7 @@ def train(config: TrainConfig) -> dict:
     """
     start = time.perf_counter()
     check_config(config)
-    ctx = init_distributed(resolve_device(config.device))
+    ctx = init_distributed(resolve_device(config.device), cuda_graphs=config.cuda_graphs)
     try:
         if ctx.enabled:
             config = dataclasses.replace(config, device=str(ctx.device))

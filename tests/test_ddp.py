@@ -8,6 +8,7 @@ rank factor rbr_scale; the test also checks that without it the runs differ.
 
 Run as a script (``python tests/test_ddp.py OUT``) this file is the per-rank worker.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,27 @@ def test_single_process_context_and_helpers():
     assert D.per_rank_batch_size(256, 4) == 64
     assert D.backend_for(torch.device("cpu")) == "gloo" and D.backend_for(torch.device("cuda", 1)) == "nccl"
     assert D.env_ranks({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (1, 4, 1)
+
+
+@pytest.mark.parametrize("cuda_graphs,expected", [(True, "0"), (False, "1")])
+def test_nccl_group_for_cuda_graphs(monkeypatch, cuda_graphs, expected):
+    """A DDP step captured in a CUDA graph needs NCCL's async error handling off when the group is made
+    (torchrun sets it to 1); the CUDA calls are faked, what init_process_group sees is real."""
+    seen = {}
+
+    def fake_init(backend, **kw):
+        seen.update(backend=backend, handling=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"), **kw)
+
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", fake_init)
+    ctx = D.init_distributed("cuda", env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+                             cuda_graphs=cuda_graphs)
+    assert ctx.device == torch.device("cuda", 1) and (ctx.rank, ctx.world_size) == (1, 2)
+    assert seen["backend"] == "nccl" and seen["handling"] == expected
 
 
 @pytest.mark.parametrize("env,match", [
