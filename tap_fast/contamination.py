@@ -6,10 +6,15 @@ pixels written. ``signal`` is the label the spurious signal encodes: the true la
 permuted one for SC(X*, permute(y)). Positions are drawn from ``generator`` on its own device (the global
 CPU generator when None) and moved to the images' device, so a seeded CPU generator gives the same
 contamination on CPU and GPU.
+
+Every contamination is a :class:`SignalPlacement`: a few template masks, and per sample which template and
+which value. :func:`signal_placement` draws the one :func:`contaminate` applies, without images, so a feed
+can contaminate each batch as it arrives (``placement.apply(batch, samples)``) holding O(N) numbers.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -69,12 +74,32 @@ def _draw(high: int, n: int, generator: torch.Generator | None, device: torch.de
     return torch.randint(high, (n,), generator=generator, device=gen_device).to(device)
 
 
-def _write(images: torch.Tensor, templates: torch.Tensor, index: torch.Tensor, values: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write values[i] where templates[index[i]] (P, H, W bool) is set; return (images, uint8 mask)."""
-    mask = templates.to(images.device)[index].unsqueeze(1)
-    out = torch.where(mask, values.to(torch.uint8).view(-1, 1, 1, 1), images)
-    return out, mask.to(torch.uint8)
+@dataclass(frozen=True)
+class SignalPlacement:
+    """Sample i of a set gets ``values[i]`` on the pixels of ``templates[index[i]]``.
+
+    templates: (P, H, W) bool; index: (N,) int64 into templates; values: (N,) uint8.
+    """
+    templates: torch.Tensor
+    index: torch.Tensor
+    values: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SignalPlacement:
+        return SignalPlacement(self.templates.to(device), self.index.to(device), self.values.to(device))
+
+    def apply(self, images: torch.Tensor, samples: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contaminated copy of ``images`` (n, C, H, W) uint8 and its uint8 mask (n, 1, H, W), where
+        ``images`` are the samples ``samples`` ((n,) indices into the set; all N in order when None)."""
+        images = _check_images(images)
+        index, values = (self.index, self.values) if samples is None else (self.index[samples],
+                                                                            self.values[samples])
+        if index.shape[0] != images.shape[0] or tuple(images.shape[-2:]) != tuple(self.templates.shape[-2:]):
+            raise ValueError(f"images must have shape ({index.shape[0]}, C, {self.templates.shape[-2]}, "
+                             f"{self.templates.shape[-1]}) for this placement, got {tuple(images.shape)}")
+        mask = self.templates.to(images.device)[index.to(images.device)].unsqueeze(1)
+        out = torch.where(mask, values.to(images.device, torch.uint8).view(-1, 1, 1, 1), images)
+        return out, mask.to(torch.uint8)
 
 
 def _corner_templates(bitmap: torch.Tensor, height: int, width: int, margin: int) -> torch.Tensor:
@@ -95,10 +120,15 @@ def add_decoys(images: torch.Tensor, signal: torch.Tensor, *, generator: torch.G
     corners, value 255 - 25 * signal (signal in 0..10)."""
     images = _check_images(images)
     signal = _check_signal(signal, images.shape[0], 11, images.device)
+    return _decoy_placement(signal, *images.shape[-2:], generator).apply(images)
+
+
+def _decoy_placement(signal: torch.Tensor, height: int, width: int, generator: torch.Generator | None
+                     ) -> SignalPlacement:
     patch = torch.ones(DECOY_SIZE, DECOY_SIZE, dtype=torch.bool)
-    templates = _corner_templates(patch, images.shape[-2], images.shape[-1], margin=0)
-    corner = _draw(4, images.shape[0], generator, images.device)
-    return _write(images, templates, corner, 255 - 25 * signal)
+    corner = _draw(4, signal.shape[0], generator, signal.device)
+    return SignalPlacement(_corner_templates(patch, height, width, margin=0), corner,
+                           (255 - 25 * signal).to(torch.uint8))
 
 
 def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str], *, height: int | None = None,
@@ -107,18 +137,27 @@ def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str
     224x224 images (round(22 H / 224), at least 5 px, unless ``height`` is given), in a random corner
     round(6 H / 224) px (at least 1) from the edges."""
     images = _check_images(images)
+    _check_tags(tags)
+    signal = _check_signal(signal, images.shape[0], len(tags), images.device)
+    return _tag_placement(signal, tags, *images.shape[-2:], height, generator).apply(images)
+
+
+def _check_tags(tags: Sequence[str]) -> None:
     if isinstance(tags, str) or not isinstance(tags, Sequence) or len(tags) < 2 \
             or not all(isinstance(t, str) and t for t in tags):
         raise ValueError(f"tags must be a sequence of at least two non-empty strings, got {tags!r}")
     if len(set(tags)) != len(tags):
         raise ValueError(f"tags must be distinct so that each label gets its own signal, got {tags!r}")
-    signal = _check_signal(signal, images.shape[0], len(tags), images.device)
-    img_h, img_w = images.shape[-2:]
+
+
+def _tag_placement(signal: torch.Tensor, tags: Sequence[str], img_h: int, img_w: int, height: int | None,
+                   generator: torch.Generator | None) -> SignalPlacement:
     height = _scaled(TAG_HEIGHT, img_h, 5) if height is None else height
     margin = _scaled(TAG_MARGIN, img_h, 1)
     templates = torch.stack([_corner_templates(render(t, height), img_h, img_w, margin) for t in tags])
-    corner = _draw(4, images.shape[0], generator, images.device)
-    return _write(images, templates.flatten(0, 1), signal * 4 + corner, torch.full_like(signal, 255))
+    corner = _draw(4, signal.shape[0], generator, signal.device)
+    return SignalPlacement(templates.flatten(0, 1), signal * 4 + corner,
+                           torch.full_like(signal, 255, dtype=torch.uint8))
 
 
 def stripe_step(num_classes: int) -> int:
@@ -134,9 +173,13 @@ def add_stripes(images: torch.Tensor, signal: torch.Tensor, num_classes: int, *,
     0..15 px from the left or the right edge (both scaled by W / 224; width at least 1 px), brightness
     255 - signal * stripe_step(num_classes)."""
     images = _check_images(images)
-    step = stripe_step(num_classes)
     signal = _check_signal(signal, images.shape[0], num_classes, images.device)
-    img_h, img_w = images.shape[-2:]
+    return _stripe_placement(signal, num_classes, *images.shape[-2:], generator).apply(images)
+
+
+def _stripe_placement(signal: torch.Tensor, num_classes: int, img_h: int, img_w: int,
+                      generator: torch.Generator | None) -> SignalPlacement:
+    step = stripe_step(num_classes)
     width, max_offset = _scaled(STRIPE_WIDTH, img_w, 1), _scaled(STRIPE_MAX_OFFSET, img_w, 0)
     if width + max_offset > img_w:
         raise ValueError(f"a {width} px stripe up to {max_offset} px from the edge does not fit width {img_w}")
@@ -144,8 +187,8 @@ def add_stripes(images: torch.Tensor, signal: torch.Tensor, num_classes: int, *,
     for d in range(max_offset + 1):
         templates[0, d, :, d:d + width] = True
         templates[1, d, :, img_w - d - width:img_w - d] = True
-    position = _draw(2 * (max_offset + 1), images.shape[0], generator, images.device)
-    return _write(images, templates.flatten(0, 1), position, 255 - step * signal)
+    position = _draw(2 * (max_offset + 1), signal.shape[0], generator, signal.device)
+    return SignalPlacement(templates.flatten(0, 1), position, (255 - step * signal).to(torch.uint8))
 
 
 def signal_permutation(num_classes: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -172,16 +215,11 @@ def permuted_signal(labels: torch.Tensor, num_classes: int, *, generator: torch.
     return signal_permutation(num_classes, generator=generator).to(labels.device)[labels]
 
 
-def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_classes: int, *,
-                variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SC(X*, y) ("contaminated"), SC(X*, permute(y)) ("permuted") or X* ("clean": a copy of the images and
-    an all-zero mask) with a contamination ``kind`` in KINDS.
-
-    Positions and the permutation come from CPU generators seeded with ``seed``, so the result does not
-    depend on the device, and the permuted variant puts its signals at the same positions as the
-    contaminated one. ``tags`` (kind "tag" only) default to PNEU_TAGS for 2 classes, KNEE_TAGS for 5.
-    """
+def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, height: int, width: int,
+                     variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None
+                     ) -> SignalPlacement | None:
+    """The placement :func:`contaminate` writes into N images of ``height`` x ``width`` px with labels
+    ``labels`` (N,), on the labels' device; None for variant "clean". Arguments as :func:`contaminate`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if variant not in VARIANTS:
@@ -189,24 +227,49 @@ def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_class
     if tags is not None and kind != "tag":
         raise ValueError(f"tags apply to kind='tag' only, got kind={kind!r}")
     _check_num_classes(num_classes)
-    images = _check_images(images)
-    labels = _check_signal(labels, images.shape[0], num_classes, images.device, "labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
+    n = labels.shape[0] if isinstance(labels, torch.Tensor) else 0
+    labels = _check_signal(labels, n, num_classes, getattr(labels, "device", None), "labels")
     if kind == "tag" and tags is None:
         if num_classes not in DEFAULT_TAGS:
             raise ValueError(f"tags must be given for kind='tag' with num_classes={num_classes} "
                              f"(defaults exist for {sorted(DEFAULT_TAGS)} classes)")
         tags = DEFAULT_TAGS[num_classes]
     if variant == "clean":
-        n, _, h, w = images.shape
-        return images.clone(), torch.zeros(n, 1, h, w, dtype=torch.uint8, device=images.device)
+        return None
     signal = labels
     if variant == "permuted":
         signal = permuted_signal(labels, num_classes, generator=torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     if kind == "decoy":
-        return add_decoys(images, signal, generator=generator)
+        return _decoy_placement(_check_signal(signal, n, 11, signal.device), height, width, generator)
     if kind == "tag":
         if len(tags) != num_classes:
             raise ValueError(f"tags must hold one string per class ({num_classes}), got {tags!r}")
-        return add_text_tags(images, signal, tags, generator=generator)
-    return add_stripes(images, signal, num_classes, generator=generator)
+        _check_tags(tags)
+        return _tag_placement(signal, tags, height, width, None, generator)
+    return _stripe_placement(signal, num_classes, height, width, generator)
+
+
+def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_classes: int, *,
+                variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SC(X*, y) ("contaminated"), SC(X*, permute(y)) ("permuted") or X* ("clean": a copy of the images and
+    an all-zero mask) with a contamination ``kind`` in KINDS: :func:`signal_placement` applied to ``images``.
+
+    Positions and the permutation come from CPU generators seeded with ``seed``, so the result does not
+    depend on the device, and the permuted variant puts its signals at the same positions as the
+    contaminated one. ``tags`` (kind "tag" only) default to PNEU_TAGS for 2 classes, KNEE_TAGS for 5.
+    """
+    images = _check_images(images)
+    n, _, h, w = images.shape
+    if isinstance(labels, torch.Tensor):
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},) to match the images, got {tuple(labels.shape)}")
+        labels = labels.to(images.device)
+    placement = signal_placement(labels, kind, num_classes, height=h, width=w, variant=variant, seed=seed,
+                                 tags=tags)
+    if placement is None:
+        return images.clone(), torch.zeros(n, 1, h, w, dtype=torch.uint8, device=images.device)
+    return placement.apply(images)

@@ -10,9 +10,8 @@ JPEG decoders may differ (nvJPEG's IDCT and chroma upsampling are not libjpeg-tu
 are only guaranteed to match within a few grey levels.
 
 The contamination and its masks equal ``contaminate(reference images, labels, kind, ..., seed=seed)``
-indexed by file: ``contaminate`` draws positions for the whole set at once, so the feed runs it once on a
-blank set to record each file's mask and signal value (a one-off N x 224 x 224 pass) and pastes them per
-batch.
+indexed by file: the feed draws the same :func:`~tap_fast.contamination.signal_placement` for the whole
+set once (a template and a value per file) and applies each batch's share on the device.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tap_fast.contamination import KINDS, VARIANTS, contaminate
+from tap_fast.contamination import KINDS, VARIANTS, signal_placement
 from tap_fast.datasets import list_folder, stratified_take
 from tap_fast.feeds import check_normalisation, check_sharding, epoch_order, normalise
 
@@ -145,19 +144,6 @@ def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return out, sizes
 
 
-def signal_masks(labels: torch.Tensor, kind: str, num_classes: int, *, variant: str, seed: int, size: int,
-                 tags: Sequence[str] | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (N, 1, size, size) bool masks and (N,) uint8 values of ``contaminate(images, labels, ...)``.
-
-    ``contaminate`` writes one value per sample on its mask pixels and draws all positions at once, so
-    running it on a blank set records exactly what it would write into any images of that size.
-    """
-    blank = torch.zeros(1, 1, size, size, dtype=torch.uint8, device=device).expand(len(labels), 1, size, size)
-    written, masks = contaminate(blank, labels.to(device), kind, num_classes, variant=variant, seed=seed,
-                                 tags=tags)
-    return masks.bool(), written.flatten(1).amax(1)
-
-
 def dali_available() -> bool:
     """Whether ``nvidia.dali`` imports."""
     try:
@@ -270,10 +256,11 @@ class FolderFeed:
         self.seed, self.epoch = int(seed), 0
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.labels = labels.to(self.device, torch.int64)
-        self.masks = self.values = None
-        if kind is not None and variant != "clean":
-            self.masks, self.values = signal_masks(labels, kind, num_classes, variant=variant, seed=self.seed,
-                                                   size=image_size, tags=tags, device=self.device)
+        self.placement = None if kind is None else signal_placement(
+            labels, kind, num_classes, height=image_size, width=image_size, variant=variant, seed=self.seed,
+            tags=tags)
+        if self.placement is not None:
+            self.placement = self.placement.to(self.device)
         # DALI shard r holds files [n r // w, n (r + 1) // w); pad_last_batch pads every shard to as many
         # batches as the largest, so each reader epoch is ceil(ceil(n / w) / B) batches on every rank.
         self._shard = n * (rank + 1) // world_size - n * rank // world_size
@@ -308,12 +295,11 @@ class FolderFeed:
         for index, images, sizes in batches:
             index = index.to(self.device)
             x = centre_square_resize(images, sizes, self.image_size)
-            if self.masks is None:
+            if self.placement is None:
                 mask = torch.zeros_like(x, dtype=torch.float32)
             else:
-                m = self.masks[index]
-                x = torch.where(m, self.values[index].view(-1, 1, 1, 1), x)
-                mask = m.float()
+                x, mask = self.placement.apply(x, index)
+                mask = mask.float()
             yield index, normalise(x, self.mean, self.std), self.labels[index], mask
 
     def _dali_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from tap_fast.contamination import (KINDS, KNEE_TAGS, PNEU_TAGS, add_decoys, add_stripes, add_text_tags,
-                                    contaminate, permuted_signal, signal_permutation, stripe_step)
+                                    contaminate, permuted_signal, signal_permutation, signal_placement,
+                                    stripe_step)
 from tap_fast.glyphs import CHARS, glyph, render, scale_for_height
 
 
@@ -359,3 +360,36 @@ def test_cuda_matches_cpu(kind):
     generator = torch.Generator(device="cuda").manual_seed(0)
     out, mask = add_decoys(_images(4, 28, 28).cuda(), torch.arange(4, device="cuda"), generator=generator)
     assert out.is_cuda and int(mask.sum()) == 64
+
+
+@pytest.mark.parametrize("kind,classes,size", [("decoy", 10, (28, 28)), ("tag", 5, (97, 131)),
+                                               ("stripe", 2, (224, 224))])
+@pytest.mark.parametrize("variant", ["contaminated", "permuted"])
+def test_placement_applied_per_batch_equals_contaminate(kind, classes, size, variant):
+    """A feed's per-batch contamination (any subset of samples, in any order) equals contaminate's rows, and
+    the placement holds a few templates plus two numbers per sample instead of N masks."""
+    n = 23
+    images = _images(n, *size, seed=3)
+    labels = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(4))
+    want_x, want_m = contaminate(images, labels, kind, classes, variant=variant, seed=11)
+    placement = signal_placement(labels, kind, classes, height=size[0], width=size[1], variant=variant, seed=11)
+    assert placement.index.shape == placement.values.shape == (n,)
+    assert placement.templates.shape[0] <= 2 * (15 * size[1] // 224 + 2) * classes
+    assert want_m.sum() > 0
+    for samples in (torch.tensor([7]), torch.tensor([22, 0, 13, 13, 5]), torch.arange(n)):
+        x, m = placement.apply(images[samples], samples)
+        assert torch.equal(x, want_x[samples]) and torch.equal(m, want_m[samples])
+    assert signal_placement(labels, kind, classes, height=size[0], width=size[1], variant="clean") is None
+
+
+def test_placement_bad_inputs():
+    labels = torch.tensor([0, 1, 1])
+    placement = signal_placement(labels, "stripe", 2, height=40, width=50)
+    with pytest.raises(ValueError, match=r"images must have shape \(3, C, 40, 50\)"):
+        placement.apply(_images(3, 40, 49))
+    with pytest.raises(ValueError, match=r"images must have shape \(2, C, 40, 50\)"):
+        placement.apply(_images(3, 40, 50), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="labels must be a 1-D integer tensor"):
+        signal_placement(labels.view(3, 1), "stripe", 2, height=40, width=50)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        signal_placement(torch.tensor([0, 2]), "stripe", 2, height=40, width=50)
