@@ -7,13 +7,13 @@
 #                 every step runs under `timeout` with the smaller of its own cap and the time left, and a
 #                 step that would start with under 20 s left is skipped and listed.
 #     ONLY        a bash regex over step names: run only the matching steps (e.g. ONLY='kernels_.*').
-#     GPU_CHECK_PLAN=1  run nothing: write each step's name, cap and command to $OUT/plan.txt (tests/test_gpu_check.py
-#                 checks on the CPU that every command's arguments parse and every pytest selection is
-#                 non-empty).
+#     GPU_CHECK_PLAN=1  run nothing: write each step's name, cap and command to $OUT/plan.txt
+#                 (tests/test_gpu_check.py checks on the CPU that every command's arguments parse and every
+#                 pytest selection is non-empty).
 # Steps run in priority order (the issues' targets first), each logged with timestamps to
 # $OUT/gpu_check.log; a failing or cut step is recorded and the next steps still run; exit status 1 if any
-# step failed, was cut or was skipped. After every step the tables gathered so far are (re)written, so whatever ends
-# the call, $OUT holds: kernel_table.md (issue 4), step_table.md + step_results.json (issue 5: steps,
+# step failed, was cut or was skipped. After every step the tables gathered so far are (re)written, so
+# whatever ends the call, $OUT holds: kernel_table.md (issue 4), step_table.md + step_results.json (issue 5: steps,
 # largest batch, MNIST protocol) and feeds_table.md (issue 5). At most 8 files come back from a device
 # call: keep it to these five.
 set -uo pipefail
@@ -127,7 +127,8 @@ fi
 if [[ "$PLAN" == 1 ]]; then exit 0; fi
 collect
 if ((${#FAILED[@]} + ${#SKIPPED[@]})); then
-    echo "=== failed or cut: ${FAILED[*]:-none}; skipped at the deadline: ${SKIPPED[*]:-none} ($SECONDS s)" | tee -a "$LOG"
+    echo "=== failed or cut: ${FAILED[*]:-none}; skipped at the deadline: ${SKIPPED[*]:-none}" \
+        "($SECONDS s)" | tee -a "$LOG"
     exit 1
 fi
 echo "=== all steps passed ($SECONDS s)" | tee -a "$LOG"

@@ -217,7 +217,8 @@ def build_parser():
     parser.add_argument("--out", type=Path, help="also write the markdown to this file (rewritten after each row)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 128], help="batches of the 224 x 224 models")
-    parser.add_argument("--skip", nargs="+", default=[], metavar="MODEL:BATCH", help="(model, batch) pairs to leave out")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="MODEL:BATCH",
+                        help="(model, batch) pairs to leave out")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--norm", default="l1", choices=["l1", "l2sq"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))

@@ -359,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="*", default=None,
                    help="arch@size:batch (batch an int or 'max'); default: the paper's set on a GPU "
                         f"{' '.join(GPU_CONFIGS)}, on the CPU {' '.join(CPU_CONFIGS)}")
-    p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default none,tap,tap-ref,rrr,rbr "
-                                                "on a GPU, none,tap,rrr,rbr on the CPU")
+    p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default "
+                                                "none,tap,tap-ref,rrr,rbr on a GPU, none,tap,rrr,rbr on the CPU")
     p.add_argument("--max-rows", default="none,tap,tap-ref", help="rows at the largest batch ('max' configs)")
     p.add_argument("--max-limit", type=int, default=1024, help="largest batch tried for 'max' configs")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated of fp32,bf16 (bf16 = autocast)")

@@ -143,7 +143,8 @@ def test_receive_accumulates_one_part_per_call_then_installs(tmp_path, wheels):
     assert all((out / w.name).read_bytes() == (lzma / w.name).read_bytes() for w in wheels)
     site = tmp_path / "site"
     run("install", out, site)
-    probe = "import pkg_a, pkg_b; print(pkg_a.SEED, pkg_b.SEED, len(open(pkg_a.__path__[0] + '/blob.bin', 'rb').read()))"
+    probe = ("import pkg_a, pkg_b; "
+             "print(pkg_a.SEED, pkg_b.SEED, len(open(pkg_a.__path__[0] + '/blob.bin', 'rb').read()))")
     got = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert got == ["1", "2", "20000"]
