@@ -101,8 +101,8 @@ step steps_b16_bf16 70 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 vgg16@22
     --dtypes bf16 --out "$TMP/steps_3"
 # 4. Issue 5: the data feeds (torchvision / nvJPEG fallback: the device has no DALI) and the engine's CUDA tests.
 step feeds 45 "$PY" benchmarks/bench_feeds.py --out "$TMP/feeds_1.md"
-step tests_engine 90 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compiled_engine.py tests/test_feeds.py \
-    tests/test_dali_feed.py -m gpu
+step tests_engine 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compiled_engine.py tests/test_feeds.py \
+    tests/test_dali_feed.py tests/test_training.py -m gpu
 # 5. With the time left: the identity form of the fused op (TAP inside the forward) beside the separate one,
 #    the other kernel shapes, l2sq, channels_last, compiled steps, the other largest batches.
 step steps_identity 60 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 --rows none,tap,tap-id --dtypes fp32,bf16 \

@@ -312,3 +312,54 @@ def test_step_options_are_checked():
         check_config(TrainConfig(amp="fp16"))
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         train(TrainConfig(cuda_graphs=True, device="cpu", limit_train=20, quiet=True))
+
+
+# --- the engine end to end on a GPU (benchmarks/gpu_check.sh runs these with -m gpu) ----------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda(tmp_path, name, **kw):
+    return dataclasses.replace(_tiny(tmp_path, name), device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_train_on_cuda_compiled_in_a_cuda_graph_equals_eager(tmp_path, exact_cuda):
+    """`train` with the step compiled and captured in a CUDA graph (3 warm-up steps, then replays from the
+    second epoch on) gives the eager step's per-epoch losses and test metrics (fp32, TF32 off; inductor
+    reorders fp32 sums: rtol 1e-3 after 8 steps)."""
+    import torch._dynamo
+
+    eager = train(_cuda(tmp_path, "eager", epochs=4))
+    torch._dynamo.reset()
+    graphed = train(_cuda(tmp_path, "graphed", epochs=4, compile=True, cuda_graphs=True))
+    torch._dynamo.reset()
+    assert graphed["environment"]["device"].startswith("cuda")
+    for key in ("loss_per_epoch", "penalty_per_epoch"):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-3)
+    for variant, m in eager["metrics"].items():
+        assert graphed["metrics"][variant]["loss"] == pytest.approx(m["loss"], rel=1e-3)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_train_on_cuda_resumes_a_graphed_run(tmp_path, exact_cuda):
+    """A CUDA-graph run stopped after 2 epochs and resumed from its GPU checkpoint (the graph is captured
+    again) ends where the straight 4-epoch run ends."""
+    straight = train(_cuda(tmp_path, "straight", epochs=4, cuda_graphs=True))
+    train(_cuda(tmp_path, "resumed", epochs=2, cuda_graphs=True))
+    resumed = train(_cuda(tmp_path, "resumed", epochs=4, cuda_graphs=True, resume=True))
+    assert resumed["loss_per_epoch"] == pytest.approx(straight["loss_per_epoch"], rel=1e-5)
+    assert resumed["metrics"]["permuted"]["loss"] == pytest.approx(straight["metrics"]["permuted"]["loss"],
+                                                                   rel=1e-5)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_train_on_cuda_bf16_graphed_tracks_fp32(tmp_path):
+    """bf16 autocast in a CUDA graph trains like fp32: per-epoch losses within 5% (bf16 activations)."""
+    fp32 = train(_cuda(tmp_path, "fp32", epochs=4))
+    bf16 = train(_cuda(tmp_path, "bf16", epochs=4, amp="bf16", cuda_graphs=True))
+    assert bf16["config"]["amp"] == "bf16"
+    assert bf16["loss_per_epoch"] == pytest.approx(fp32["loss_per_epoch"], rel=5e-2)
