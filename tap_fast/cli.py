@@ -15,6 +15,7 @@ from tap_fast.annotations import TAUS
 from tap_fast.datasets import DATASETS
 from tap_fast.models import ARCHS
 from tap_fast.tap import NORMS
+from tap_fast.train_step import BACKENDS as STEP_BACKENDS
 from tap_fast.train_step import METHODS
 from tap_fast.distributed import env_ranks
 from tap_fast.training import AMP, ANNOTATIONS, TrainConfig, annotate, is_main_process, save_json, sweep, train
@@ -122,6 +123,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the training step (methods none and tap; rrr and rbr stay eager)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the whole training step as one CUDA graph")
     p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast the step: none (fp32) or bf16")
+    p.add_argument("--tap-backend", choices=STEP_BACKENDS, default="auto",
+                   help="TAP's kernels: auto (fused Triton on CUDA, else PyTorch), torch, triton, or identity "
+                        "(the fused op's identity form inside the forward; Triton only)")
     p.add_argument("--run-dir", help="folder for checkpoints (every epoch) and cached annotations")
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
 

@@ -33,6 +33,7 @@ from tap_fast.masks import check_mask_values
 from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.tap import NORMS
 from tap_fast.taps import TappedModel
+from tap_fast.train_step import BACKENDS as STEP_BACKENDS
 from tap_fast.train_step import METHODS
 
 ANNOTATIONS = ("ground-truth", "teacher", "random")
@@ -94,6 +95,7 @@ class TrainConfig:
     compound: bool = False
     channels_last: bool = True  # memory layout only (same model; ~2x faster convs on a CPU)
     compile: bool = False  # torch.compile the step (methods none / tap; RRR and RBR stay eager)
+    tap_backend: str = "auto"  # TAP's kernels: auto, torch, triton, identity (train_step.BACKENDS)
     cuda_graphs: bool = False  # capture the whole step in one CUDA graph (CUDA only)
     amp: str = "none"  # "none" (fp32) or "bf16" autocast
     seed: int = 0
@@ -109,7 +111,7 @@ class TrainConfig:
 
 # Fields that do not change what a run computes (checked when resuming).
 _RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "quiet", "cache_dir", "channels_last", "compile",
-                   "cuda_graphs")
+                   "cuda_graphs", "tap_backend")
 
 
 @dataclass
@@ -166,7 +168,8 @@ def resolve_device(device: str) -> torch.device:
 
 def check_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first invalid field of ``config``."""
-    choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS, "amp": tuple(AMP)}
+    choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS, "amp": tuple(AMP),
+               "tap_backend": STEP_BACKENDS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(config, name)!r}")
@@ -380,9 +383,9 @@ def _place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mo
 
 
 def _step_options(config: TrainConfig) -> dict:
-    """fit's step options (compile, CUDA graphs, amp, channels_last) from a config."""
+    """fit's step options (compile, CUDA graphs, amp, channels_last, TAP backend) from a config."""
     return {"compile": config.compile, "cuda_graphs": config.cuda_graphs, "amp_dtype": AMP[config.amp],
-            "channels_last": config.channels_last}
+            "channels_last": config.channels_last, "backend": config.tap_backend}
 
 
 def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, *,
@@ -390,13 +393,14 @@ def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: t
         mean: float, std: float, norm: str = "l1", kernel_size: int = 3, compound: bool = False,
         checkpoint: Path | None = None, resume: bool = False, meta: dict | None = None, quiet: bool = False,
         desc: str = "train", compile: bool = False, cuda_graphs: bool = False, amp_dtype: torch.dtype | None = None,
-        channels_last: bool = False, ctx: DistContext | None = None) -> dict[str, list[float]]:
+        channels_last: bool = False, backend: str = "auto", ctx: DistContext | None = None
+        ) -> dict[str, list[float]]:
     """Train ``model`` with SGD (momentum, section 5.3) for ``epochs`` over shuffled index batches.
 
     Each epoch reads :func:`~tap_fast.feeds.epoch_order` (seeded by ``seed`` and the epoch) in batches of
     ``batch_size``; the last partial batch is dropped (static shapes; a set smaller than one batch gives one
     batch of all of it). The step is :func:`~tap_fast.compiled_step.make_step` with ``compile``,
-    ``cuda_graphs``, ``amp_dtype`` and ``channels_last``. With a multi-process ``ctx`` the model is wrapped in
+    ``cuda_graphs``, ``amp_dtype``, ``channels_last`` and TAP's ``backend``. With a multi-process ``ctx`` the model is wrapped in
     DDP, ``batch_size`` is the global batch (each rank takes an equal, disjoint share), metrics are summed
     over ranks, and only the main rank prints and writes the checkpoint.
 
@@ -438,7 +442,7 @@ def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: t
     # Built after the checkpoint is loaded: a CUDA graph holds the parameters and optimizer state it captured.
     step = make_step(trained, optimizer, method=method, lam=lam, mean=mean, std=std, norm=norm,
                      kernel_size=kernel_size, compound=compound, explain_in_eval=None, compile=compile,
-                     cuda_graphs=cuda_graphs, amp_dtype=amp_dtype, channels_last=channels_last)
+                     cuda_graphs=cuda_graphs, amp_dtype=amp_dtype, channels_last=channels_last, backend=backend)
     show = not quiet and ctx.is_main
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()

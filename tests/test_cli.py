@@ -118,3 +118,21 @@ def _top_level_help(capsys) -> str:
     with pytest.raises(SystemExit):
         main(["--help"])
     return capsys.readouterr().out
+
+
+def test_tap_backends_train_alike(tmp_path):
+    """--tap-backend reaches the step: the PyTorch reference, the fused kernels and their identity form
+    (Triton's interpreter here) give the same losses (fp32, rtol 1e-5)."""
+    records = {}
+    for backend in ("torch", "triton", "identity"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["train", *TINY, "--method", "tap", "--limit-val", "20", "--tap-backend", backend,
+                     "--out", str(out)]) == 0
+        records[backend] = json.loads(out.read_text())
+        assert records[backend]["config"]["tap_backend"] == backend
+    for backend in ("triton", "identity"):
+        for key in ("loss_per_epoch", "penalty_per_epoch"):
+            assert records[backend][key] == pytest.approx(records["torch"][key], rel=1e-5)
+    assert records["torch"]["penalty_per_epoch"][0] > 0
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--tap-backend", "cuda"])

@@ -200,7 +200,8 @@ def test_default_lambdas_follow_norm_and_appendix_c():
     ({"method": "xs"}, "method must be one of"), ({"lam": -1.0}, "lam must be"), ({"epochs": 0}, "epochs must be"),
     ({"tau": 1.5}, "tau must lie"), ({"teacher_fraction": 1.0}, "teacher_fraction must lie"),
     ({"clean_train": True, "method": "tap"}, "clean_train"), ({"resume": True}, "resume needs run_dir"),
-    ({"kernel_size": 2}, "kernel_size must be a positive odd int"), ({"momentum": 1.0}, "momentum must lie")])
+    ({"kernel_size": 2}, "kernel_size must be a positive odd int"), ({"momentum": 1.0}, "momentum must lie"),
+    ({"tap_backend": "cuda"}, "tap_backend must be one of")])
 def test_check_config_names_the_bad_field(changes, match):
     with pytest.raises(ValueError, match=match):
         check_config(dataclasses.replace(TrainConfig(), **changes))
