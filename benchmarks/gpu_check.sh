@@ -32,10 +32,14 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 FAILED=()
 SKIPPED=()
-# pytest-xdist (on the device image) runs the compile-bound CUDA tests on several processes.
+# pytest-xdist (on the device image) runs the compile-bound CUDA tests on several processes, and
+# pytest-timeout (there too) stops a hung test after 100 s with its traceback instead of the whole step.
 XDIST=()
-if [[ "$PLAN" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
+if [[ "$PLAN" != 1 ]]; then
+    if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout=100); fi
+fi
 
 collect() {  # (re)write the tables under $OUT from the per-step files under $TMP
     cat "$TMP"/kernel_*.md > "$OUT/kernel_table.md" 2>/dev/null
