@@ -13,9 +13,10 @@
 # Steps run in priority order (the issues' targets first), each logged with timestamps to
 # $OUT/gpu_check.log; a failing or cut step is recorded and the next steps still run; exit status 1 if any
 # step failed, was cut or was skipped. After every step the tables gathered so far are (re)written, so
-# whatever ends the call, $OUT holds: kernel_table.md (issue 4), step_table.md + step_results.json (issue 5: steps,
-# largest batch, MNIST protocol) and feeds_table.md (issue 5). At most 8 files come back from a device
-# call: keep it to these five.
+# whatever ends the call, $OUT holds: kernel_table.md (issue 4), step_table.md (issue 5: steps, largest
+# batch, MNIST protocol), feeds_table.md (issue 5), results.json (every record) and targets.md (the issues'
+# targets judged from results.json by benchmarks/check_targets.py). At most 8 files come back from a
+# device call: keep it to these six and the log.
 set -uo pipefail
 
 : "${OUT:?set OUT to an (empty) output directory}"
@@ -45,13 +46,16 @@ collect() {  # (re)write the tables under $OUT from the per-step files under $TM
     cat "$TMP"/kernel_*.md > "$OUT/kernel_table.md" 2>/dev/null
     cat "$TMP"/steps_*/steps.md "$TMP"/mnist_*/mnist.md > "$OUT/step_table.md" 2>/dev/null
     cat "$TMP"/feeds_*.md > "$OUT/feeds_table.md" 2>/dev/null
-    "$PY" - "$TMP" "$OUT/step_results.json" <<'EOF' 2>/dev/null
+    "$PY" - "$TMP" "$OUT/results.json" <<'EOF' 2>/dev/null
 import json, pathlib, sys
 tmp = pathlib.Path(sys.argv[1])
-merged = {p.parent.name + "/" + p.name: json.loads(p.read_text()) for p in sorted(tmp.glob("*/*.json"))}
+files = sorted(tmp.glob("*.json")) + sorted(tmp.glob("*/*.json"))
+merged = {str(p.relative_to(tmp)): json.loads(p.read_text()) for p in files}
 if merged:
     pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1) + "\n")
 EOF
+    [[ -f "$OUT/results.json" ]] && "$PY" benchmarks/check_targets.py "$OUT/results.json" --out "$OUT/targets.md" \
+        > /dev/null 2>> "$LOG"
     find "$OUT" -maxdepth 1 -empty -type f -delete
 }
 
@@ -95,7 +99,8 @@ step environment 30 "$PY" -c "import torch, triton; print('torch', torch.__versi
 #    ResNet-18 batch 128 (fused vs eager vs torch.compile of the reference) and the peak-memory table.
 step tests_kernels 150 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_kernels.py tests/test_compiled_step.py \
     tests/test_tap_identity_step.py -m gpu
-step kernels_resnet18 100 "${KT[@]}" --models resnet18 --batches 128 --memory-batch 64 --out "$TMP/kernel_1.md"
+step kernels_resnet18 100 "${KT[@]}" --models resnet18 --batches 128 --memory-batch 64 --out "$TMP/kernel_1.md" \
+    --json "$TMP/kernel_1.json"
 # 3. Issue 5: training steps at the paper's Table 1 setting (batch 16, 224 x 224) and MNIST shapes.
 step steps_b16_fp32 100 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 vgg16@224:16 densenet121@224:16 \
     --dtypes fp32 --out "$TMP/steps_1"
@@ -112,11 +117,11 @@ step tests_engine 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compil
 step steps_identity 60 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 --rows none,tap,tap-id --dtypes fp32,bf16 \
     --out "$TMP/steps_6"
 step kernels_rest 100 "${KT[@]}" --models cnn2 resnet18 vgg16 densenet121 --batches 16 128 --memory-batch 0 \
-    --skip resnet18:128 --impls fused eager --out "$TMP/kernel_2.md"
+    --skip resnet18:128 --impls fused eager --out "$TMP/kernel_2.md" --json "$TMP/kernel_2.json"
 step kernels_l2sq 40 "${KT[@]}" --norm l2sq --models resnet18 --batches 128 --impls fused eager \
-    --memory-batch 0 --out "$TMP/kernel_3.md"
+    --memory-batch 0 --out "$TMP/kernel_3.md" --json "$TMP/kernel_3.json"
 step kernels_channels_last 40 "${KT[@]}" --channels-last --models resnet18 --batches 128 --impls fused eager \
-    --memory-batch 0 --out "$TMP/kernel_4.md"
+    --memory-batch 0 --out "$TMP/kernel_4.md" --json "$TMP/kernel_4.json"
 step mnist_protocol_compiled 60 "${ST[@]}" --configs --mnist --mnist-methods tap --compile --out "$TMP/mnist_2"
 step steps_b16_compiled 60 "${ST[@]}" --configs resnet18@224:16 --rows none,tap --compile --dtypes bf16,fp32 \
     --out "$TMP/steps_4"

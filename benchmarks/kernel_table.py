@@ -14,6 +14,7 @@ the penalty.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -128,9 +129,15 @@ def time_config(model, batch, dtype, norm, device, impls, channels_last=False):
     return out, d_ms, z_bytes
 
 
-def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channels_last=False, skip=(), emit=print):
+def print_row(line, record=None):
+    """The default ``emit``: print the markdown line (the record is for --json)."""
+    print(line, flush=True)
+
+
+def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channels_last=False, skip=(),
+                 emit=print_row):
     """Markdown rows (header first) for every (model, batch, dtype) not in ``skip`` ("model:batch");
-    ``emit(row)`` is called on each row as soon as it is measured."""
+    ``emit(row, record)`` is called on each row as soon as it is measured, with its numbers as a dict."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -155,11 +162,14 @@ def kernel_table(models, batches, dtypes, norm, device, impls, copy_gbs, channel
                                 f"{bwd:.3f} | {both:.3f} | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} | "
                                 f"{100 * gbs[2] / copy_gbs:.0f}% | {eager[2] / both:.2f}x | {graph:.3f} | "
                                 f"{eager[3] / graph:.2f}x | {d_col} |")
-                    emit(rows[-1])
+                    emit(rows[-1], {"table": "kernels", "model": model, "batch": batch, "dtype": dtype, "norm": norm,
+                                    "channels_last": channels_last, "impl": name, "fwd_ms": fwd, "bwd_ms": bwd,
+                                    "fwd_bwd_ms": both, "fwd_bwd_graph_ms": graph, "z_bytes": z_bytes,
+                                    "bwd_gbs": gbs[1], "copy_gbs": copy_gbs})
     return rows
 
 
-def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
+def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print_row):
     """Peak memory of one ResNet-18 training step (SGD, 224 x 224, 10 classes): no penalty vs TAP (fused,
     its identity form inside the forward, eager reference)."""
     import torch
@@ -206,7 +216,8 @@ def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
         name = {None: "no penalty", "triton": "TAP, fused Triton", "identity": "TAP, fused identity form",
                 "torch": "TAP, eager reference"}[backend]
         rows.append(f"| {name} | {peak:.0f} | {peak - base:+.0f} ({100 * (peak - base) / base:+.2f}%) |")
-        emit(rows[-1])
+        emit(rows[-1], {"table": "memory", "model": "resnet18", "batch": batch, "dtype": dtype_name,
+                        "step": backend or "none", "peak_mib": peak, "no_penalty_peak_mib": base})
         del model, opt, x, y, mask
         torch.cuda.empty_cache()
     return rows
@@ -215,6 +226,8 @@ def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the markdown to this file (rewritten after each row)")
+    parser.add_argument("--json", type=Path, help="also write the rows' numbers as JSON records (rewritten after "
+                                                  "each row; benchmarks/check_targets.py reads them)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 128], help="batches of the 224 x 224 models")
     parser.add_argument("--skip", nargs="+", default=[], metavar="MODEL:BATCH",
@@ -257,14 +270,19 @@ def main(argv=None):
         device, models, batches, dtypes = torch.device("cuda"), args.models, args.batches, args.dtypes
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     copy_gbs = copy_bandwidth_gbs(device)
-    lines = []
+    lines, records = [], []
 
-    def emit(line):  # print and keep the file current, so that a run cut short leaves its rows
+    def emit(line, record=None):  # print and keep the files current, so that a run cut short leaves its rows
         lines.append(line)
         print(line, flush=True)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text("\n".join(lines) + "\n")
+        if record is not None:
+            records.append({**record, "device": name, "torch": torch.__version__})
+            if args.json is not None:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(records, indent=1) + "\n")
 
     for line in [f"# TAP kernels: {name}, torch {torch.__version__}, triton {triton.__version__}", "",
                  f"norm={args.norm}, channels_last={args.channels_last}; measured copy bandwidth {copy_gbs:.0f} GB/s "

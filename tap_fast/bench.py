@@ -143,7 +143,8 @@ def time_steps(step, data, steps: int, device: torch.device) -> list[float]:
 def _result(config: Config, batch: int, row: str, dtype: str, device: torch.device, times: list[float] | None,
             peak_gb: float | None = None, status: str = "ok") -> dict:
     out = {"config": config.name, "arch": config.arch, "size": config.size, "batch": batch, "row": row,
-           "label": row_label(row, device), "dtype": dtype, "status": status, "peak_gb": peak_gb}
+           "label": row_label(row, device), "dtype": dtype, "status": status, "peak_gb": peak_gb,
+           "device": machine(device)}
     if times:
         med = statistics.median(times)
         out.update(step_ms=med * 1e3, min_ms=min(times) * 1e3, steps=len(times), it_s=1 / med,

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh is ready for a GPU session: every step's command line parses, every pytest selection
-is non-empty, the deadline cuts and skips steps, and the kernel table's code paths run (Triton's interpreter).
+is non-empty, and the deadline cuts and skips steps (the kernel table's code paths run in
+tests/test_check_targets.py).
 
 The device time of a GPU session is short (one call of a few minutes), so a typo found there costs the run.
 """
@@ -110,17 +111,3 @@ def test_deadline_cuts_then_skips(tmp_path):
     assert re.search(r"CUT kernels_resnet18 at 2\d s", log), log
     assert "skipped steps_b16_fp32: deadline" in log
     assert re.search(r"skipped at the deadline: steps_b16_fp32 .*steps_max_rest", log)
-
-
-@pytest.mark.slow
-def test_kernel_table_smoke(tmp_path):
-    """Every implementation and column of the kernel table, on tiny shapes through Triton's interpreter."""
-    out = tmp_path / "kernel.md"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_table.py"), "--smoke", "--out", str(out)],
-                   cwd=ROOT, check=True, timeout=300, env=env, capture_output=True)
-    rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines() if ln.startswith("| smoke")]
-    assert [r[4].strip() for r in rows] == ["fused", "eager", "compiled"]
-    for r in rows:
-        for cell in (r[5], r[6], r[7], r[13]):  # fwd, bwd, fwd+bwd, fwd+bwd in a CUDA graph (plain timing here)
-            assert float(cell) > 0
