@@ -44,6 +44,11 @@ def _row(issue, target, measured, ok) -> dict:
     return {"issue": issue, "target": target, "measured": measured, "verdict": verdict}
 
 
+def _target(issue, target, result) -> dict:
+    """``result``: (measured, ok), or a falsy value when the records it needs are missing."""
+    return _row(issue, target, *(result or ("", None)))
+
+
 def _fmt(x, spec=".2f"):
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -55,27 +60,19 @@ def kernel_targets(kernels: list[dict]) -> list[dict]:
     at = {r["impl"]: r for r in kernels if r["table"] == "kernels" and r["model"] == "resnet18"
           and r["batch"] == 128 and r["dtype"] == "bf16" and r["norm"] == "l1" and not r["channels_last"]}
     fused, eager, compiled = at.get("fused"), at.get("eager"), at.get("compiled")
-    rows = []
-    if fused and eager:
-        speedup = eager["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
-        rows.append(_row(4, "fused fwd+bwd >= 5x eager (ResNet-18, b128, bf16)",
-                         f"{_fmt(speedup)}x ({_fmt(fused['fwd_bwd_ms'], '.3f')} vs "
-                         f"{_fmt(eager['fwd_bwd_ms'], '.3f')} ms)", speedup >= 5))
-    else:
-        rows.append(_row(4, "fused fwd+bwd >= 5x eager (ResNet-18, b128, bf16)", "", None))
-    if fused and compiled:
-        rows.append(_row(4, "fused fwd+bwd faster than torch.compile of the reference",
-                         f"{_fmt(fused['fwd_bwd_ms'], '.3f')} vs {_fmt(compiled['fwd_bwd_ms'], '.3f')} ms",
-                         fused["fwd_bwd_ms"] < compiled["fwd_bwd_ms"]))
-    else:
-        rows.append(_row(4, "fused fwd+bwd faster than torch.compile of the reference", "", None))
-    if fused:
-        share = fused["bwd_gbs"] / fused["copy_gbs"]
-        rows.append(_row(4, "backward >= 70% of the copy bandwidth",
-                         f"{100 * share:.0f}% ({_fmt(fused['bwd_gbs'], '.0f')} of "
-                         f"{_fmt(fused['copy_gbs'], '.0f')} GB/s)", share >= 0.7))
-    else:
-        rows.append(_row(4, "backward >= 70% of the copy bandwidth", "", None))
+    ms = lambda r: _fmt(r["fwd_bwd_ms"], ".3f")  # noqa: E731
+    speedup = fused and eager and eager["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
+    share = fused and fused["bwd_gbs"] / fused["copy_gbs"]
+    rows = [
+        _target(4, "fused fwd+bwd >= 5x eager (ResNet-18, b128, bf16)",
+                speedup and (f"{_fmt(speedup)}x ({ms(fused)} vs {ms(eager)} ms)", speedup >= 5)),
+        _target(4, "fused fwd+bwd faster than torch.compile of the reference",
+                fused and compiled and (f"{ms(fused)} vs {ms(compiled)} ms",
+                                        fused["fwd_bwd_ms"] < compiled["fwd_bwd_ms"])),
+        _target(4, "backward >= 70% of the copy bandwidth",
+                share and (f"{100 * share:.0f}% ({_fmt(fused['bwd_gbs'], '.0f')} of "
+                           f"{_fmt(fused['copy_gbs'], '.0f')} GB/s)", share >= 0.7)),
+    ]
     memory = [r for r in kernels if r["table"] == "memory" and r["step"] == "triton"]
     for r in memory:
         ratio = r["peak_mib"] / r["no_penalty_peak_mib"]
