@@ -16,26 +16,28 @@ TABLE1 = {"size": 224, "batch": 16}  # the paper's Table 1 setting
 
 def load_records(paths) -> tuple[list[dict], list[dict], list[dict]]:
     """(kernel records, step records, MNIST-protocol records) from JSON files holding lists of records or
-    gpu_check's merged {file: list} mapping."""
+    gpu_check's merged {file: list} mapping. Each record gets a "source": the run (file) it came from, so
+    that rows of one run are only compared with rows of the same run."""
     kernels, steps, mnist = [], [], []
 
-    def visit(value):
+    def visit(value, source):
         if isinstance(value, dict) and not ({"table", "row", "method"} & set(value)):
-            for v in value.values():
-                visit(v)
+            for key, v in value.items():
+                visit(v, key)
         elif isinstance(value, list):
             for v in value:
-                visit(v)
+                visit(v, source)
         elif isinstance(value, dict):
+            record = {**value, "source": source}
             if "table" in value:
-                kernels.append(value)
+                kernels.append(record)
             elif "row" in value:
-                steps.append(value)
+                steps.append(record)
             elif "total_s" in value:
-                mnist.append(value)
+                mnist.append(record)
 
     for path in paths:
-        visit(json.loads(Path(path).read_text()))
+        visit(json.loads(Path(path).read_text()), str(path))
     return kernels, steps, mnist
 
 
@@ -90,14 +92,16 @@ def step_targets(steps: list[dict], mnist: list[dict]) -> list[dict]:
     above 3,000 images/s."""
     ok_rows = [r for r in steps if r.get("status") == "ok"]
     by_key = {}
-    for r in ok_rows:
-        by_key.setdefault((r["config"], r["batch"], r["dtype"]), {})[r["row"]] = r
+    for r in ok_rows:  # rows are compared only within one run (source) of one config, batch and dtype
+        by_key.setdefault((r.get("source", ""), r["config"], r["batch"], r["dtype"]), {})[r["row"]] = r
     rows = []
-    for (config, batch, dtype), group in sorted(by_key.items()):
+    for (source, config, batch, dtype), group in sorted(by_key.items()):
         tap, none = group.get("tap"), group.get("none")
         if tap is None or none is None:
             continue
-        where = f"{config}, b{batch}, {dtype}"
+        step_kind = ("compiled" if tap.get("compile") else "eager") + (", CUDA graph" if tap.get("cuda_graphs")
+                                                                      else "")
+        where = f"{config}, b{batch}, {dtype}, {step_kind}; {source}"
         time_ratio = tap["step_ms"] / none["step_ms"]
         rows.append(_row(5, f"TAP step time <= 1.03x No XS ({where})", f"{time_ratio:.3f}x", time_ratio <= 1.03))
         if tap.get("peak_gb") and none.get("peak_gb"):

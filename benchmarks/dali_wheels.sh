@@ -377,7 +377,8 @@ install() {  # install WHEEL_DIR SITE
     ((${#wheels[@]})) || { echo "dali_wheels.sh: install: no .whl files in $1" >&2; exit 2; }
     "$PY" -c "import lzma" 2>/dev/null || { echo "dali_wheels.sh: install: $PY lacks the lzma module that" \
         "LZMA-repacked wheels need: run prepare here again with DALI_REPACK=0 (one device call more)" >&2; exit 2; }
-    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "${wheels[@]}"
+    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$2" "${wheels[@]}"
     echo "installed ${#wheels[@]} wheels into $2"
 }
 
@@ -390,7 +391,10 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
 prepare)
-    [[ -f requirements.lock && -d .git ]] || { echo "dali_wheels.sh: run prepare from the repository root" >&2; exit 2; }
+    [[ -f requirements.lock && -d .git ]] || {
+        echo "dali_wheels.sh: run prepare from the repository root" >&2
+        exit 2
+    }
     grep -qxF "/$ROOT/" .git/info/exclude 2>/dev/null || echo "/$ROOT/" >> .git/info/exclude
     git check-ignore -q "$ROOT/part1" || { echo "dali_wheels.sh: $ROOT is not ignored by git" >&2; exit 2; }
     helper deps requirements.lock "$ROOT/wheels" "$DALI"

@@ -31,6 +31,7 @@ from tap_fast.contamination import contaminate
 from tap_fast.feeds import epoch_order
 from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.taps import TappedModel
+from tap_fast.train_step import METHODS
 
 # row -> (label, method, TAP backend). "tap" is the fused Triton op on CUDA and the reference elsewhere;
 # "tap-id" (its identity form inside the forward, Triton only) runs only when asked for with --rows.
@@ -272,7 +273,7 @@ def steps_table(results: list[dict]) -> str:
 
 
 def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_000, batch: int = 256,
-                   method: str = "tap", lam: float | None = None, compile: bool = True, cuda_graphs: bool = True,
+                   method: str = "tap", lam: float | None = None, compile: bool = False, cuda_graphs: bool = True,
                    amp_dtype: torch.dtype | None = None, data_dir: str | None = None, seed: int = 0) -> dict:
     """Section 5's MNIST run end to end: contaminate ``n_train`` 28x28 images with decoys on ``device``,
     build the two-layer CNN and its step, train ``epochs`` epochs of shuffled static batches (the last
@@ -388,15 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; exits with a message naming the bad argument."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in (args.rows.split(",") if args.rows else []) + args.max_rows.split(","):
-        if name not in ROWS:
-            parser.error(f"--rows / --max-rows: unknown row {name!r}; choose from {list(ROWS)}")
-    for name in args.dtypes.split(","):
-        if name not in DTYPES:
-            parser.error(f"--dtypes: unknown dtype {name!r}; choose from {list(DTYPES)}")
-    for name in args.mnist_methods.split(","):
-        if name not in ("none", "tap", "rrr", "rbr"):
-            parser.error(f"--mnist-methods: unknown method {name!r}; choose from none, tap, rrr, rbr")
+    for flag, text, allowed in (("--rows", args.rows or "none", ROWS), ("--max-rows", args.max_rows, ROWS),
+                                ("--dtypes", args.dtypes, DTYPES), ("--mnist-methods", args.mnist_methods, METHODS)):
+        unknown = [name for name in text.split(",") if name not in allowed]
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown[0]!r}; choose from {list(allowed)}")
     try:
         args.configs = None if args.configs is None else [parse_config(c) for c in args.configs]
     except ValueError as e:
@@ -428,8 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     over_budget = lambda: args.time_budget is not None and time.perf_counter() - start > args.time_budget  # noqa: E731
 
     results: list[dict] = []
+    settings = {"compile": args.compile, "cuda_graphs": graphs, "channels_last": args.channels_last}
 
     def flush():
+        for r in results:
+            r.update(settings)
         add_ratios(results)
         if out:
             (out / "steps.md").write_text(header + "\n" + steps_table(results) + "\n")

@@ -140,7 +140,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
     cache entries to the same code: a process that builds more than 8 (a lambda sweep) should call
     ``torch._dynamo.reset()`` between runs, or dynamo's recompile limit makes later steps run eagerly.
     """
-    _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile)
+    _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile, compound)
     tapped = unwrap(model)
     if explain_in_eval is None:
         explain_in_eval = method in ("rrr", "rbr") and uses_batchnorm(tapped)
@@ -169,7 +169,8 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
     return TrainStep(body, cuda_graphs=cuda_graphs, warmup_steps=warmup_steps, channels_last=channels_last)
 
 
-def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile) -> None:
+def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile, compound
+                     ) -> None:
     if not isinstance(unwrap(model), TappedModel):
         raise TypeError(f"model must be a TappedModel (optionally wrapped in DDP), got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -183,6 +184,9 @@ def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cu
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if method == "tap" and backend == "identity":
+        if compound:
+            raise ValueError("compound=True (chained mask downscaling) is not supported by backend='identity'; "
+                             "use backend 'auto', 'torch' or 'triton'")
         identity_form_ops(next(unwrap(model).parameters()), "model")
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {amp_dtype!r} (float16 would need "

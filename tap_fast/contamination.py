@@ -227,6 +227,9 @@ def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, heigh
     if tags is not None and kind != "tag":
         raise ValueError(f"tags apply to kind='tag' only, got kind={kind!r}")
     _check_num_classes(num_classes)
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
     if isinstance(labels, torch.Tensor) and labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
     n = labels.shape[0] if isinstance(labels, torch.Tensor) else 0

@@ -83,13 +83,13 @@ class TappedModel(nn.Module):
         # The max-pool of eq. 7 once, at input resolution (one compound step to the same size); each hook
         # then only average-pools it to its layer's size: D maps bit-identical to fused_tap_penalty's.
         (state.pooled_mask,) = tap_op.fused_downscale_masks(masks, [masks.shape[-2:]], kernel_size, compound=True)
-        state.norm = norm
+        state.norm, state.ops = norm, tap_op
         state.penalties.clear()
         try:
             logits = self.model(x)
             penalty = sum(state.penalties[n] for n in self.tap_names) / len(self.tap_names)
         finally:
-            state.pooled_mask = None
+            state.pooled_mask = state.ops = None
             state.penalties.clear()
         return logits, penalty
 
@@ -114,6 +114,7 @@ class _TapState:
         self.outputs: dict[str, torch.Tensor] = {}
         self.pooled_mask: torch.Tensor | None = None
         self.norm = "l1"
+        self.ops = None  # kernels.tap_op during forward_tap
         self.penalties: dict[str, torch.Tensor] = {}
 
 
@@ -133,8 +134,6 @@ class _TapHook:
         if state.pooled_mask is None:
             state.outputs[self.name] = output
             return None
-        from kernels.tap_op import fused_downscale_masks, tap_identity
-
-        (d,) = fused_downscale_masks(state.pooled_mask, [output.shape[-2:]], 1)
-        output, state.penalties[self.name] = tap_identity(output, d, norm=state.norm)
+        (d,) = state.ops.fused_downscale_masks(state.pooled_mask, [output.shape[-2:]], 1)
+        output, state.penalties[self.name] = state.ops.tap_identity(output, d, norm=state.norm)
         return output

@@ -197,6 +197,9 @@ def check_config(config: TrainConfig) -> None:
     if config.clean_train and config.method != "none":
         raise ValueError(f"clean_train trains the Base model without XS: method must be 'none', got "
                          f"{config.method!r}")
+    if config.tap_backend == "identity" and config.compound:
+        raise ValueError("compound (chained mask downscaling) is not supported by tap_backend 'identity'; "
+                         "use 'auto', 'torch' or 'triton'")
     if config.resume and config.run_dir is None:
         raise ValueError("resume needs run_dir (--run-dir), the folder holding checkpoint.pt")
 
@@ -400,9 +403,9 @@ def fit(model: TappedModel, images: torch.Tensor, labels: torch.Tensor, masks: t
     Each epoch reads :func:`~tap_fast.feeds.epoch_order` (seeded by ``seed`` and the epoch) in batches of
     ``batch_size``; the last partial batch is dropped (static shapes; a set smaller than one batch gives one
     batch of all of it). The step is :func:`~tap_fast.compiled_step.make_step` with ``compile``,
-    ``cuda_graphs``, ``amp_dtype``, ``channels_last`` and TAP's ``backend``. With a multi-process ``ctx`` the model is wrapped in
-    DDP, ``batch_size`` is the global batch (each rank takes an equal, disjoint share), metrics are summed
-    over ranks, and only the main rank prints and writes the checkpoint.
+    ``cuda_graphs``, ``amp_dtype``, ``channels_last`` and TAP's ``backend``. With a multi-process ``ctx`` the
+    model is wrapped in DDP, ``batch_size`` is the global batch (each rank takes an equal, disjoint share),
+    metrics are summed over ranks, and only the main rank prints and writes the checkpoint.
 
     With ``checkpoint`` it saves model, optimizer, epoch, history and RNG states after every epoch; with
     ``resume`` it continues from that file (whose ``meta`` must equal this run's). Losses are accumulated on

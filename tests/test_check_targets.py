@@ -1,7 +1,6 @@
 """benchmarks/check_targets.py judges the issues' GPU targets from benchmark records: verdicts on synthetic
 records just inside and just outside each target, "not measured" for what is missing, and the real
 records of kernel_table.py (--smoke, Triton's interpreter) and step_table.py (CPU) read end to end."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_script
 from tap_fast import bench
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_targets", ROOT / "benchmarks" / "check_targets.py")
-check_targets = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_targets)
+check_targets = load_script("check_targets")
 
 
 def _kernel(impl, both_ms, bwd_gbs=1000.0):
@@ -70,6 +68,23 @@ def test_missing_records_are_not_measured_and_failed_rows_are_skipped():
     assert row["verdict"] == "not measured"
 
 
+def test_rows_of_different_runs_are_not_compared(tmp_path):
+    """An eager run that misses the targets and a compiled run of the same config that meets them: each is
+    judged on its own rows (a compiled TAP must not be set against the eager run's RRR)."""
+    eager = [{**_step("none", 10.0, 2.0), "compile": False}, {**_step("tap", 11.0, 2.0), "compile": False},
+             {**_step("rrr", 44.0, 4.0), "compile": False}]
+    compiled = [{**_step("none", 5.0, 2.0), "compile": True}, {**_step("tap", 5.1, 2.0), "compile": True}]
+    merged = tmp_path / "results.json"
+    merged.write_text(json.dumps({"steps_1/steps.json": eager, "steps_4/steps.json": compiled}))
+    _, steps, _ = check_targets.load_records([merged])
+    verdicts = _verdicts(check_targets.step_targets(steps, []))
+    assert verdicts["TAP step time <= 1.03x No XS (resnet18@224:16, b16, fp32, eager; steps_1/steps.json)"] == "FAIL"
+    assert verdicts["TAP >= 5x faster than RRR (resnet18@224:16, b16, fp32, eager; steps_1/steps.json)"] == "FAIL"
+    assert verdicts["TAP step time <= 1.03x No XS (resnet18@224:16, b16, fp32, compiled; steps_4/steps.json)"] \
+        == "PASS"
+    assert not [t for t in verdicts if "RRR" in t and "steps_4" in t]
+
+
 @pytest.mark.slow
 def test_real_records_end_to_end(tmp_path):
     """kernel_table.py's --json (relabelled to the target shape: the interpreter runs tiny shapes only) and
@@ -96,7 +111,7 @@ def test_real_records_end_to_end(tmp_path):
     table = out.read_text()
     assert "cpu (Triton interpreter)" in table
     for target in ("fused fwd+bwd >= 5x eager", "faster than torch.compile", "70% of the copy bandwidth",
-                   "TAP step time <= 1.03x No XS (cnn2@28:4, b4, fp32)"):
+                   "TAP step time <= 1.03x No XS (cnn2@28:4, b4, fp32, eager; steps_1/steps.json)"):
         (line,) = [ln for ln in table.splitlines() if target in ln]
         assert line.endswith("| PASS |") or line.endswith("| FAIL |"), line
     with pytest.raises(SystemExit):

@@ -389,6 +389,9 @@ def test_placement_bad_inputs():
         placement.apply(_images(3, 40, 49))
     with pytest.raises(ValueError, match=r"images must have shape \(2, C, 40, 50\)"):
         placement.apply(_images(3, 40, 50), torch.tensor([0, 2]))
+    for size in (dict(height=0, width=50), dict(height=40, width=28.0)):
+        with pytest.raises(ValueError, match="(height|width) must be a positive int"):
+            signal_placement(labels, "stripe", 2, **size)
     with pytest.raises(ValueError, match="labels must be a 1-D integer tensor"):
         signal_placement(labels.view(3, 1), "stripe", 2, height=40, width=50)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):

@@ -209,10 +209,8 @@ def test_gpu_folder_feed_equals_reference(name, backend, knee, pneu):
     kind = "stripe" if name == "pneu" else "tag"
     ref_x, ref_m = contaminate(ref.images, ref.labels, kind, num_classes, variant="permuted", seed=7)
     files, labels = folder_split(name, root, "train")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the fallback notice
-        feed = make_feed(files, labels, backend, kind=kind, num_classes=num_classes, variant="permuted", seed=7,
-                         device_id=0, drop_last=False)
+    feed = make_feed(files, labels, backend, kind=kind, num_classes=num_classes, variant="permuted", seed=7,
+                     device_id=0, drop_last=False)
     for idx, x, y, m in feed.indexed():
         assert x.is_cuda and m.is_cuda and y.is_cuda
         idx = idx.cpu()

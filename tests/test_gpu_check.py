@@ -4,7 +4,6 @@ tests/test_check_targets.py).
 
 The device time of a GPU session is short (one call of a few minutes), so a typo found there costs the run.
 """
-import importlib.util
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_script
 from tap_fast import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,13 +20,6 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 # The steps that measure the issues' targets; they must stay in the plan, in this order, ahead of the rest.
 PRIORITY = ["environment", "tests_kernels", "kernels_resnet18", "steps_b16_fp32", "mnist_protocol",
             "steps_max_bf16", "steps_b16_bf16", "feeds", "tests_engine"]
-
-
-def _module(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _plan(tmp_path, **env):
@@ -59,9 +52,9 @@ def test_only_selects_steps(tmp_path):
 
 def test_benchmark_arguments_parse(plan):
     """Each benchmark command's arguments pass its script's own parser and checks."""
-    parsers = {"kernel_table.py": _module(ROOT / "benchmarks" / "kernel_table.py").parse_args,
+    parsers = {"kernel_table.py": load_script("kernel_table").parse_args,
                "step_table.py": bench.parse_args,
-               "bench_feeds.py": lambda argv: _module(ROOT / "benchmarks" / "bench_feeds.py").build_parser()
+               "bench_feeds.py": lambda argv: load_script("bench_feeds").build_parser()
                .parse_args(argv)}
     seen = set()
     for name, _, cmd in plan:
@@ -72,13 +65,18 @@ def test_benchmark_arguments_parse(plan):
     assert seen == set(parsers)
 
 
-def test_bad_benchmark_arguments_are_named():
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--configs", "resnet99@224:16"])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--rows", "none,tapp"])
-    with pytest.raises(SystemExit):
-        _module(ROOT / "benchmarks" / "kernel_table.py").parse_args(["--skip", "resnet18"])
+@pytest.mark.parametrize("parse,argv,named", [
+    (bench.parse_args, ["--configs", "resnet99@224:16"], "--configs: config 'resnet99@224:16': unknown architecture"),
+    (bench.parse_args, ["--rows", "none,tapp"], "--rows: unknown 'tapp'"),
+    (bench.parse_args, ["--mnist-methods", "tap,xs"], "--mnist-methods: unknown 'xs'"),
+    ("kernel_table", ["--skip", "resnet18"], "--skip: expected MODEL:BATCH"),
+])
+def test_bad_benchmark_arguments_are_named(parse, argv, named, capsys):
+    if parse == "kernel_table":
+        parse = load_script("kernel_table").parse_args
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2 and named in capsys.readouterr().err
 
 
 def test_pytest_selections_are_not_empty(plan):

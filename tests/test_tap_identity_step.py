@@ -334,6 +334,8 @@ def test_identity_backend_errors(monkeypatch):
         train_step(model, opt, images, labels, None, method="tap", lam=1.0, mean=MEAN, std=STD, backend="identity")
     with pytest.raises(ValueError, match="backend.*identity"):
         make_step(model, opt, method="tap", lam=1.0, mean=MEAN, std=STD, backend="fused")
+    with pytest.raises(ValueError, match="compound=True .* backend='identity'"):  # at build time, not step 1
+        make_step(model, opt, method="tap", lam=1.0, mean=MEAN, std=STD, backend="identity", compound=True)
     with pytest.raises(ValueError, match="backend"):  # tap_penalty alone cannot do the identity form
         tap_penalty(model(images.float())[1], masks, backend="identity")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -201,7 +201,8 @@ def test_default_lambdas_follow_norm_and_appendix_c():
     ({"tau": 1.5}, "tau must lie"), ({"teacher_fraction": 1.0}, "teacher_fraction must lie"),
     ({"clean_train": True, "method": "tap"}, "clean_train"), ({"resume": True}, "resume needs run_dir"),
     ({"kernel_size": 2}, "kernel_size must be a positive odd int"), ({"momentum": 1.0}, "momentum must lie"),
-    ({"tap_backend": "cuda"}, "tap_backend must be one of")])
+    ({"tap_backend": "cuda"}, "tap_backend must be one of"),
+    ({"tap_backend": "identity", "compound": True}, "compound .* tap_backend 'identity'")])
 def test_check_config_names_the_bad_field(changes, match):
     with pytest.raises(ValueError, match=match):
         check_config(dataclasses.replace(TrainConfig(), **changes))
@@ -358,9 +359,10 @@ def test_train_on_cuda_resumes_a_graphed_run(tmp_path, exact_cuda):
 
 @pytest.mark.gpu
 @cuda_only
-def test_train_on_cuda_bf16_graphed_tracks_fp32(tmp_path):
-    """bf16 autocast in a CUDA graph trains like fp32: per-epoch losses within 5% (bf16 activations)."""
-    fp32 = train(_cuda(tmp_path, "fp32", epochs=4))
-    bf16 = train(_cuda(tmp_path, "bf16", epochs=4, amp="bf16", cuda_graphs=True))
-    assert bf16["config"]["amp"] == "bf16"
-    assert bf16["loss_per_epoch"] == pytest.approx(fp32["loss_per_epoch"], rel=5e-2)
+def test_train_on_cuda_bf16_in_a_cuda_graph_equals_eager_bf16(tmp_path, exact_cuda):
+    """bf16 autocast captured in a CUDA graph gives the eager bf16 run's per-epoch losses (rtol 2e-2: bf16
+    rounding may differ where cuDNN picks other kernels under capture)."""
+    eager = train(_cuda(tmp_path, "eager", epochs=4, amp="bf16"))
+    graphed = train(_cuda(tmp_path, "graphed", epochs=4, amp="bf16", cuda_graphs=True))
+    assert graphed["config"]["amp"] == "bf16"
+    assert graphed["loss_per_epoch"] == pytest.approx(eager["loss_per_epoch"], rel=2e-2)
