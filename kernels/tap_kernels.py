@@ -9,32 +9,27 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO", "max_bin_h"])  # gathers: divisibility is moot
-def downscale_kernel(src_ptr, out_ptr, N, H, W, HO, WO, max_bin_h, mean_factor,
-                     K: tl.constexpr, BIN_W: tl.constexpr, MEAN_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """D(M, l) of eq. 7 for BLOCK of the N = B HO WO outputs: src (B, H, W) -> out (B, HO, WO).
+@triton.jit
+def bin_mean(src, i, j, valid, H, W, HO, WO, max_bin_h, mean_factor,
+             K: tl.constexpr, BIN_W: tl.constexpr, MEAN_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 D(M, l) of eq. 7 at outputs (i, j) of BLOCK lanes: the mean over the adaptive-average-pool bin
+    (rows floor(i H / HO) .. ceil((i+1) H / HO), likewise for columns) of the K x K, stride-1, 'same'
+    max-pool of the (H, W) map at ``src`` (a pointer, or one per lane).
 
-    Each output is the mean over its adaptive-average-pool bin (rows floor(i H / HO) .. ceil((i+1) H / HO),
-    likewise for columns) of the K x K, stride-1, 'same' max-pool of src. Bins are summed row by row in
-    fp32 and divided by their height, then their width, with IEEE division, exactly as torch's
-    adaptive_avg_pool2d does (MEAN_MODE 0), so D is bit-identical to ``tap_fast.masks.downscale_mask``.
-    For a 1 x 1 output torch takes mean() instead, which divides the sum by the count on the CPU
-    (MEAN_MODE 1) and multiplies it by mean_factor = fp32(B) / fp32(B H W) on CUDA (MEAN_MODE 2): so do we,
-    bit-identical whenever the sum is exact (binary masks), within fp32 rounding otherwise. K = 1 is a
-    plain adaptive average pool; HO, WO = H, W is a plain max-pool. max_bin_h and BIN_W bound the bin
-    height and width; a bin row is unrolled (BIN_W is constexpr) so its loads are all in flight at once,
-    while the sum itself stays sequential, as the bit-identical order requires.
+    Bins are summed row by row in fp32 and divided by their height, then their width, with IEEE division,
+    exactly as torch's adaptive_avg_pool2d does (MEAN_MODE 0), so D is bit-identical to
+    ``tap_fast.masks.downscale_mask``. For a 1 x 1 output torch takes mean() instead, which divides the sum
+    by the count on the CPU (MEAN_MODE 1) and multiplies it by mean_factor = fp32(B) / fp32(B H W) on CUDA
+    (MEAN_MODE 2): so do we, bit-identical whenever the sum is exact (binary masks), within fp32 rounding
+    otherwise. K = 1 is a plain adaptive average pool (and HO, WO = H, W then returns src itself).
+    max_bin_h and BIN_W bound the bin height and width; a bin row is unrolled (BIN_W is constexpr) so its
+    loads are all in flight at once, while the sum itself stays sequential, as the bit-identical order
+    requires.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    b = offs // (HO * WO)
-    i = (offs // WO) % HO
-    j = offs % WO
     h0 = (i * H) // HO
     h1 = ((i + 1) * H + HO - 1) // HO
     w0 = (j * W) // WO
     w1 = ((j + 1) * W + WO - 1) // WO
-    src = src_ptr + b * H * W
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for dh in range(0, max_bin_h):
         r = h0 + dh
@@ -62,18 +57,35 @@ def downscale_kernel(src_ptr, out_ptr, N, H, W, HO, WO, max_bin_h, mean_factor,
         mean = tl.math.div_rn(total, ((h1 - h0) * (w1 - w0)).to(tl.float32))
     else:
         mean = total * mean_factor
+    return mean
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO", "max_bin_h"])  # gathers: divisibility is moot
+def downscale_kernel(src_ptr, out_ptr, N, H, W, HO, WO, max_bin_h, mean_factor,
+                     K: tl.constexpr, BIN_W: tl.constexpr, MEAN_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """D(M, l) of eq. 7 (``bin_mean``) for BLOCK of the N = B HO WO outputs: src (B, H, W) -> out (B, HO, WO).
+    HO, WO = H, W is a plain K x K max-pool."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    b = offs // (HO * WO)
+    mean = bin_mean(src_ptr + b * H * W, (offs // WO) % HO, offs % WO, valid, H, W, HO, WO, max_bin_h,
+                    mean_factor, K, BIN_W, MEAN_MODE, BLOCK)
     tl.store(out_ptr + offs, mean.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit
-def tap_forward_kernel(z_ptr, d_ptr, partial_ptr, w_ptr, C, HW, stride_zb, stride_zc, stride_zp,
-                       L2SQ: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+@triton.jit(do_not_specialize=["H", "W", "SH", "SW", "max_bin_h"])
+def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, C, HW, H, W, SH, SW, max_bin_h, mean_factor,
+                       stride_zb, stride_zc, stride_zp, L2SQ: tl.constexpr, MEAN_MODE: tl.constexpr,
+                       BIN_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Partial TAP sums of one layer for BLOCK_P pixels of sample ``program_id(1)``, all C channels.
 
-    A = sum_c relu(Z_c) (eq. 6); the program writes one fp32 partial, sum_p D * A ("l1", eq. 8) or
-    sum_p (D * A)^2 ("l2sq"), to partial_ptr[b * num_programs(0) + program_id(0)]. For "l2sq" it also
-    writes the backward's per-pixel weight d/dA (D A)^2 = 2 D^2 A to w_ptr (B, H, W), so the backward
-    never needs A again. Deterministic: a fixed loop order and tree sums, no atomics.
+    A = sum_c relu(Z_c) (eq. 6); D (eq. 7) is computed on the fly, as the adaptive average pool
+    (``bin_mean``) of the (SH, SW) source map to this layer's (H, W): the max-pooled input-resolution mask,
+    or the layer's own D map (1 x 1 bins: D itself). The program writes one fp32 partial, sum_p D * A
+    ("l1", eq. 8) or sum_p (D * A)^2 ("l2sq"), to partial_ptr[b * num_programs(0) + program_id(0)], and the
+    backward's per-pixel weight to w_ptr (B, H, W): D itself ("l1", rounded to the source's dtype as the
+    reference stores D) or d/dA (D A)^2 = 2 D^2 A ("l2sq"), so the backward needs neither the mask nor A.
+    Deterministic: a fixed loop order and tree sums, no atomics.
     """
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -87,12 +99,16 @@ def tap_forward_kernel(z_ptr, d_ptr, partial_ptr, w_ptr, C, HW, stride_zb, strid
         z = tl.load(z_pix + offs_c[:, None] * stride_zc, mask=ok, other=0.0)
         acc += tl.maximum(z.to(tl.float32), 0.0)
     a = tl.sum(acc, axis=0)
-    pix = b * HW + offs_p
-    d = tl.load(d_ptr + pix, mask=p_ok, other=0.0).to(tl.float32)
+    d = bin_mean(src_ptr + b * SH * SW, offs_p // W, offs_p % W, p_ok, SH, SW, H, W, max_bin_h, mean_factor,
+                 1, BIN_W, MEAN_MODE, BLOCK_P)
+    d = d.to(src_ptr.dtype.element_ty).to(tl.float32)
     x = d * a
+    pix = b * HW + offs_p
     if L2SQ:
         tl.store(w_ptr + pix, 2.0 * d * x, mask=p_ok)
         x = x * x
+    else:
+        tl.store(w_ptr + pix, d.to(w_ptr.dtype.element_ty), mask=p_ok)
     tl.store(partial_ptr + b * tl.num_programs(0) + pid_p, tl.sum(x, axis=0))
 
 

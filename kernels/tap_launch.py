@@ -1,14 +1,18 @@
 """Launch wrappers for ``tap_kernels``: shapes, strides, block sizes and grids on real tensors.
 
 Launch plan of one TAP step with L targeted layers (all asynchronous, no host syncs):
-  forward  - D: one max-pool of the mask, then one adaptive-average-pool launch per layer (compound:
-             one fused max+average launch per layer, chained); penalty: one launch per layer writing
-             per-(sample, pixel block) partials into slices of a single buffer, then one single-program
-             launch summing that buffer (two-stage reduction: deterministic, no float atomics);
+  forward  - one K x K max-pool of the mask at input resolution (none for K = 1), shared by all layers;
+             then one launch per layer that reads Z once, builds D(M, l) on the fly by average-pooling the
+             max-pooled mask over each pixel's bin, and writes per-(sample, pixel block) partials into
+             slices of a single buffer plus the layer's B x H_l x W_l backward map; then one single-program
+             launch summing that buffer (two-stage reduction: deterministic, no float atomics). L + 2
+             launches. Compound downscaling (released code) chains the D maps first, one launch per layer,
+             and the layer launches then read their D map as is (1 x 1 bins);
   backward - one launch per layer, each reading Z once and writing grad_Z once.
-Layers have unrelated shapes, dtypes and strides, so one launch per layer is the simplest correct plan;
-each layer's launch moves megabytes, so launch latency only matters for tiny problems, and under CUDA
-graphs (torch.compile mode="reduce-overhead") it vanishes.
+The max-pool is a launch of its own because every layer reads it: fusing it too would load each mask
+pixel K^2 times per layer instead of once. Layers have unrelated shapes, dtypes and strides, so one launch
+per layer is the simplest correct plan; each moves megabytes, so launch latency only matters for tiny
+problems, and under CUDA graphs (torch.compile mode="reduce-overhead") it vanishes.
 
 Block sizes are fixed heuristics (no autotuning, so runs are reproducible and start without a tuning
 pass): tiles of about 4096 elements, 128 pixels wide when the layer is large, narrowed for small layers
@@ -114,14 +118,33 @@ def _check_activation(z: torch.Tensor, name: str) -> None:
     check_launchable(z, name)
 
 
-def _check_map(m: torch.Tensor, z: torch.Tensor, name: str) -> torch.Tensor:
+def _check_map(m: torch.Tensor, z: torch.Tensor, name: str, at_least: bool = False) -> torch.Tensor:
+    """m as a contiguous float (B, H_l, W_l) map of z's batch and device, or ValueError naming ``name``;
+    ``at_least``: any (B, H_s, W_s) with H_s >= H_l and W_s >= W_l (a map to average-pool into D)."""
     b, _, h, w = z.shape
-    if not isinstance(m, torch.Tensor) or tuple(m.shape) != (b, h, w) or not m.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point (B, H_l, W_l) = {(b, h, w)} tensor, got "
-                         f"{getattr(m, 'shape', type(m).__name__)}")
+    shape = tuple(getattr(m, "shape", ()))
+    if at_least:
+        fits = len(shape) == 3 and shape[0] == b and shape[1] >= h and shape[2] >= w
+        expected = f"(B, H_s, W_s) with B = {b}, H_s >= {h}, W_s >= {w}"
+    else:
+        fits, expected = shape == (b, h, w), f"(B, H_l, W_l) = {(b, h, w)}"
+    if not isinstance(m, torch.Tensor) or not fits or not m.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point {expected} tensor, got "
+                         f"{getattr(m, 'shape', type(m).__name__)} {getattr(m, 'dtype', '')}")
     if m.device != z.device:
         raise ValueError(f"{name} is on {m.device} but its activation is on {z.device}")
     return m.contiguous()
+
+
+def _bin_plan(src: torch.Tensor, ho: int, wo: int) -> dict:
+    """``bin_mean``'s bin bounds and mean mode for average-pooling src (B, H, W) to (ho, wo)."""
+    b, h, w = src.shape
+    # torch's adaptive_avg_pool2d computes a 1 x 1 output with mean(): sum / count on the CPU, sum times
+    # fp32(outputs) / fp32(inputs) on CUDA (see bin_mean)
+    return dict(max_bin_h=max(-(-(i + 1) * h // ho) - i * h // ho for i in range(ho)),
+                mean_factor=float(np.float32(b) / np.float32(b * h * w)),
+                BIN_W=max(-(-(j + 1) * w // wo) - j * w // wo for j in range(wo)),
+                MEAN_MODE=0 if (ho, wo) != (1, 1) else 2 if src.device.type == "cuda" else 1)
 
 
 def downscale(src: torch.Tensor, size: Sequence[int], kernel_size: int) -> torch.Tensor:
@@ -135,19 +158,12 @@ def downscale(src: torch.Tensor, size: Sequence[int], kernel_size: int) -> torch
     check_launchable(src, "mask")
     src = src.contiguous()
     out = torch.empty((b, ho, wo), device=src.device, dtype=src.dtype)
-    max_bin_h = max(-(-(i + 1) * h // ho) - i * h // ho for i in range(ho))
-    max_bin_w = max(-(-(j + 1) * w // wo) - j * w // wo for j in range(wo))
-    # torch's adaptive_avg_pool2d computes a 1 x 1 output with mean(): sum / count on the CPU, sum times
-    # fp32(outputs) / fp32(inputs) on CUDA (see downscale_kernel)
-    mean_mode = 0 if (ho, wo) != (1, 1) else 2 if src.device.type == "cuda" else 1
-    mean_factor = float(np.float32(b) / np.float32(b * h * w))
     n = b * ho * wo  # outputs, one per lane; halve the block (down to a warp) until the grid fills the GPU
     block = max(32, min(1024, triton.next_power_of_2(n)))
     while block > 32 and triton.cdiv(n, block) < _target_programs(src.device):
         block //= 2
-    downscale_kernel[(triton.cdiv(n, block),)](src, out, n, h, w, ho, wo, max_bin_h, mean_factor, K=kernel_size,
-                                                BIN_W=max_bin_w, MEAN_MODE=mean_mode, BLOCK=block,
-                                                num_warps=max(1, min(4, block // 32)))
+    downscale_kernel[(triton.cdiv(n, block),)](src, out, n, h, w, ho, wo, K=kernel_size, BLOCK=block,
+                                                num_warps=max(1, min(4, block // 32)), **_bin_plan(src, ho, wo))
     return out
 
 
@@ -172,43 +188,45 @@ def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_s
     return [downscale(src, size, 1) for size in sizes]
 
 
-def tap_forward(zs: Sequence[torch.Tensor], ds: Sequence[torch.Tensor], norm: str
+def tap_forward(zs: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], norm: str
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """TAP of eq. 8, batch mean: (1/(L B)) sum_l sum_b sum_hw f(D_l * A_l), f = |.| or (.)^2.
 
     zs: L activations (B, C_l, H_l, W_l), any float dtype, contiguous or channels_last (others are made
-    contiguous); ds: their D maps (B, H_l, W_l). Returns the fp32 scalar and, for "l2sq", the per-layer
-    backward weights 2 D^2 A (fp32, B x H_l x W_l each); for "l1" the backward weight is D itself and the
-    list is empty.
+    contiguous); sources: for each, a float map (B, H_s, W_s), H_s >= H_l and W_s >= W_l, whose adaptive
+    average pool to (H_l, W_l) is D_l: ``pooled_mask`` (the same tensor for every layer) or the layer's own
+    D map. Returns the fp32 scalar and the per-layer backward weights (B x H_l x W_l each): D ("l1", in the
+    source's dtype) or 2 D^2 A ("l2sq", fp32).
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if len(zs) == 0 or len(zs) != len(ds):
-        raise ValueError(f"need one D map per activation, got {len(zs)} activations and {len(ds)} maps")
+    if len(zs) == 0 or len(zs) != len(sources):
+        raise ValueError(f"need one source map per activation, got {len(zs)} activations and {len(sources)} maps")
     batch = zs[0].shape[0]
     device = zs[0].device
     target = _target_programs(device)
     plans = []
-    for i, (z, d) in enumerate(zip(zs, ds)):
+    for i, (z, src) in enumerate(zip(zs, sources)):
         _check_activation(z, f"activations[{i}]")
         if z.shape[0] != batch or z.device != device:
             raise ValueError(f"activations[{i}] has batch {z.shape[0]} on {z.device}, expected batch {batch} "
                              f"on {device} like activations[0]")
-        d = _check_map(d, z, f"D map {i}")
+        src = _check_map(src, z, f"sources[{i}]", at_least=True)
         z, strides = _strided(z)
         block_c, block_p = _tile(z.shape[1], z.shape[2] * z.shape[3], batch, target, split_channels=False)
         n_pblocks, _ = checked_grid((triton.cdiv(z.shape[2] * z.shape[3], block_p), batch), f"activations[{i}]")
-        plans.append((z, d, strides, block_c, block_p, n_pblocks))
+        plans.append((z, src, strides, block_c, block_p, n_pblocks))
     partials = torch.empty(sum(batch * p[-1] for p in plans), device=device, dtype=torch.float32)
     weights, start = [], 0
-    for z, d, strides, block_c, block_p, n_pblocks in plans:
+    for z, src, strides, block_c, block_p, n_pblocks in plans:
         _, c, h, w = z.shape
-        wmap = torch.empty((batch, h, w), device=device, dtype=torch.float32) if norm == "l2sq" else d
-        tap_forward_kernel[(n_pblocks, batch)](z, d, partials[start:], wmap, c, h * w, *strides,
-                                               L2SQ=norm == "l2sq", BLOCK_C=block_c, BLOCK_P=block_p)
+        wmap = torch.empty((batch, h, w), device=device, dtype=torch.float32 if norm == "l2sq" else src.dtype)
+        sb, sc, sp = strides
+        tap_forward_kernel[(n_pblocks, batch)](z, src, partials[start:], wmap, c, h * w, h, w, *src.shape[1:],
+                                               stride_zb=sb, stride_zc=sc, stride_zp=sp, L2SQ=norm == "l2sq",
+                                               BLOCK_C=block_c, BLOCK_P=block_p, **_bin_plan(src, h, w))
         start += batch * n_pblocks
-        if norm == "l2sq":
-            weights.append(wmap)
+        weights.append(wmap)
     penalty = torch.empty((), device=device, dtype=torch.float32)
     scaled_sum_kernel[(1,)](partials, penalty, partials.numel(), 1.0 / (len(zs) * batch), BLOCK=SUM_BLOCK,
                             num_warps=8)

@@ -4,8 +4,9 @@ Ops (namespace ``tap_fast``), each with a fake (meta) implementation so torch.co
 traces them without graph breaks, and none of them syncs with the host, so CUDA graphs can capture them:
 - ``downscale_masks(mask, sizes, kernel_size, compound) -> Tensor[]``: D(M, l) of eq. 7 (no gradient:
   the mask is data);
-- ``tap_forward(zs, ds, norm) -> (penalty, Tensor[])``: eq. 8, with autograd registered; the second
-  output holds the "l2sq" backward weights 2 D^2 A (empty for "l1");
+- ``tap_forward(zs, sources, norm) -> (penalty, Tensor[])``: eq. 8 with D(M, l) built on the fly from each
+  layer's source map, with autograd registered; the second output holds the per-layer backward weights
+  (D for "l1", 2 D^2 A for "l2sq");
 - ``tap_grad(grad_penalty, z, w, n_layers, grad_out?) -> Tensor``: one layer's gradient, one pass.
 
 Memory: the autograd context saves each Z by reference plus one B x H_l x W_l map per layer (D for "l1",
@@ -42,15 +43,16 @@ def _(mask, sizes, kernel_size, compound):
 
 
 @torch.library.custom_op("tap_fast::tap_forward", mutates_args=())
-def _tap_forward(zs: List[torch.Tensor], ds: List[torch.Tensor], norm: str
+def _tap_forward(zs: List[torch.Tensor], sources: List[torch.Tensor], norm: str
                  ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return tap_launch.tap_forward(zs, ds, norm)
+    return tap_launch.tap_forward(zs, sources, norm)
 
 
 @_tap_forward.register_fake
-def _(zs, ds, norm):
-    weights = [z.new_empty((z.shape[0], z.shape[2], z.shape[3]), dtype=torch.float32) for z in zs]
-    return zs[0].new_empty((), dtype=torch.float32), weights if norm == "l2sq" else []
+def _(zs, sources, norm):
+    weights = [z.new_empty((z.shape[0], z.shape[2], z.shape[3]), dtype=torch.float32 if norm == "l2sq" else s.dtype)
+               for z, s in zip(zs, sources)]
+    return zs[0].new_empty((), dtype=torch.float32), weights
 
 
 @torch.library.custom_op("tap_fast::tap_grad", mutates_args=())
@@ -65,10 +67,10 @@ def _(grad_penalty, z, w, n_layers, grad_out):
 
 
 def _tap_forward_setup_context(ctx, inputs, output):
-    zs, ds, norm = inputs
+    zs, _, _ = inputs
     _, weights = output
     ctx.n_layers = len(zs)
-    ctx.save_for_backward(*zs, *(weights if norm == "l2sq" else ds))
+    ctx.save_for_backward(*zs, *weights)
 
 
 def _tap_forward_backward(ctx, grad_penalty, grad_weights):
@@ -96,18 +98,33 @@ def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], ke
     return _downscale_masks(mask.detach(), flat, kernel_size, compound)
 
 
+def fused_pooled_mask(mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """MaxPool_k_s1(M) of eq. 7 at input resolution, (B, H, W), in ``fused_downscale_masks``' dtype: the map
+    that the forward kernels of ``fused_tap_penalty`` and ``tap_identity`` average-pool into each layer's
+    D(M, l) on the fly. One launch, shared by all layers (a compound step to the mask's own size)."""
+    mask = as_mask_batch(mask)
+    (pooled,) = fused_downscale_masks(mask, [mask.shape[-2:]], kernel_size, compound=True)
+    return pooled
+
+
 def fused_tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kernel_size: int = 3,
                       norm: str = "l1", compound: bool = False) -> torch.Tensor:
     """TAP, eq. 8 (batch mean, averaged over layers), with fused Triton kernels; equals
     ``tap_fast.tap.tap_penalty_reference``. Does not check the mask's values (that syncs with the host):
     ``tap_penalty(..., backend="triton")`` does, unless validate=False.
 
+    Launches: the mask's max-pool, one kernel per layer (channel sum, D on the fly, masked reduction), one
+    sum; compound downscaling chains the D maps first (one launch per layer) and the layers read them.
+
     Args: as ``tap_penalty``: activations (B, C_l, H_l, W_l) on CUDA (or the CPU with TRITON_INTERPRET=1),
     any float dtype; mask (B, 1, H, W) or (B, H, W) at input resolution. Returns an fp32 scalar.
     """
     mask = check_tap_inputs(activations, mask, norm)
-    ds = fused_downscale_masks(mask, [a.shape[-2:] for a in activations], kernel_size, compound)
-    penalty, _ = _tap_forward(list(activations), ds, norm)
+    if compound:
+        sources = fused_downscale_masks(mask, [a.shape[-2:] for a in activations], kernel_size, compound=True)
+    else:
+        sources = [fused_pooled_mask(mask, kernel_size)] * len(activations)
+    penalty, _ = _tap_forward(list(activations), sources, norm)
     return penalty
 
 
@@ -116,9 +133,9 @@ class _TapIdentity(torch.autograd.Function):
     arriving at Z in the same pass that computes it (``tap_grad`` with grad_out)."""
 
     @staticmethod
-    def forward(ctx, z, d, norm):
-        penalty, weights = _tap_forward([z], [d], norm)
-        ctx.save_for_backward(z, weights[0] if norm == "l2sq" else d)
+    def forward(ctx, z, source, norm):
+        penalty, (weight,) = _tap_forward([z], [source], norm)
+        ctx.save_for_backward(z, weight)
         return z.view_as(z), penalty
 
     @staticmethod
@@ -127,7 +144,7 @@ class _TapIdentity(torch.autograd.Function):
         return _tap_grad(grad_penalty, z, w, 1, grad_z), None, None
 
 
-def tap_identity(z: torch.Tensor, d: torch.Tensor, *, norm: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
+def tap_identity(z: torch.Tensor, source: torch.Tensor, *, norm: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
     """Identity form of one layer's TAP: returns (Z unchanged, fp32 penalty mean_b sum_hw f(D * A)).
 
     Use the returned Z downstream (e.g. from a forward hook) and add penalty / L to the loss. In backward,
@@ -136,14 +153,18 @@ def tap_identity(z: torch.Tensor, d: torch.Tensor, *, norm: str = "l1") -> tuple
 
     Args:
         z: (B, C, H_l, W_l) activation, any float dtype, on CUDA (or CPU with TRITON_INTERPRET=1).
-        d: (B, H_l, W_l) D map of this layer, e.g. from ``fused_downscale_masks``.
+        source: (B, H_s, W_s) map, H_s >= H_l and W_s >= W_l, whose adaptive average pool to (H_l, W_l) is
+            this layer's D(M, l) (eq. 7): ``fused_pooled_mask`` of the input mask (D built on the fly), or
+            the layer's D map itself, e.g. from ``fused_downscale_masks``.
         norm: "l1" (eq. 8) or "l2sq".
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
         raise ValueError(f"z must be a (B, C, H_l, W_l) tensor, got {getattr(z, 'shape', type(z).__name__)}")
     if norm not in tap_launch.NORMS:
         raise ValueError(f"norm must be one of {tap_launch.NORMS}, got {norm!r}")
-    if not isinstance(d, torch.Tensor) or tuple(d.shape) != (z.shape[0], z.shape[2], z.shape[3]):
-        raise ValueError(f"d must be a (B, H_l, W_l) = {(z.shape[0], z.shape[2], z.shape[3])} tensor, got "
-                         f"{getattr(d, 'shape', type(d).__name__)}")
-    return _TapIdentity.apply(z, d.detach(), norm)
+    b, _, h, w = z.shape
+    if not isinstance(source, torch.Tensor) or source.dim() != 3 or source.shape[0] != b \
+            or source.shape[1] < h or source.shape[2] < w:
+        raise ValueError(f"source must be a (B, H_s, W_s) tensor with B = {b}, H_s >= {h}, W_s >= {w}, got "
+                         f"{getattr(source, 'shape', type(source).__name__)}")
+    return _TapIdentity.apply(z, source.detach(), norm)

@@ -80,9 +80,9 @@ class TappedModel(nn.Module):
             raise ValueError(f"masks is on {masks.device} but the input is on {x.device}")
         tap_op = identity_form_ops(masks, "masks")
         state = self._taps
-        # The max-pool of eq. 7 once, at input resolution (one compound step to the same size); each hook
-        # then only average-pools it to its layer's size: D maps bit-identical to fused_tap_penalty's.
-        (state.pooled_mask,) = tap_op.fused_downscale_masks(masks, [masks.shape[-2:]], kernel_size, compound=True)
+        # The max-pool of eq. 7 once, at input resolution; each hook's kernel average-pools it to its
+        # layer's D(M, l) on the fly, exactly as fused_tap_penalty does.
+        state.pooled_mask = tap_op.fused_pooled_mask(masks, kernel_size)
         state.norm, state.ops = norm, tap_op
         state.penalties.clear()
         try:
@@ -134,6 +134,5 @@ class _TapHook:
         if state.pooled_mask is None:
             state.outputs[self.name] = output
             return None
-        (d,) = state.ops.fused_downscale_masks(state.pooled_mask, [output.shape[-2:]], 1)
-        output, state.penalties[self.name] = state.ops.tap_identity(output, d, norm=state.norm)
+        output, state.penalties[self.name] = state.ops.tap_identity(output, state.pooled_mask, norm=state.norm)
         return output

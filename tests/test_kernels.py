@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernels import tap_launch  # noqa: E402
-from kernels.tap_op import fused_downscale_masks, fused_tap_penalty, tap_identity  # noqa: E402
+from kernels.tap_op import fused_downscale_masks, fused_pooled_mask, fused_tap_penalty, tap_identity  # noqa: E402
 from tap_fast.masks import downscale_mask, downscale_masks  # noqa: E402
 from tap_fast.tap import tap_penalty, tap_penalty_reference  # noqa: E402
 
@@ -157,16 +157,41 @@ def test_downscale_large_bins_and_dtypes(device):
         assert d.dtype == torch.bfloat16 and torch.equal(d, downscale_mask(soft, (5, 5)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,kernel_size", [("random", 3), ("soft", 3), ("soft", 1), ("ones", 5)])
+def test_forward_builds_d_bit_identical(device, kind, kernel_size):
+    """The forward kernel average-pools the max-pooled mask into each layer's D on the fly and hands D to
+    the backward ("l1"): bit-identical to the reference's D maps at awkward sizes (a 1 x 1 map of soft
+    values: rtol 1e-5, torch uses mean() there); "l2sq" hands over 2 D^2 A instead."""
+    b, h, w = 2, 29, 23
+    sizes = [(29, 23), (14, 12), (6, 5), (5, 3), (1, 1)]
+    zs = [z.detach() for z in _activations(b, [(3, *s) for s in sizes], device, torch.float32, False)]
+    mask = _mask(kind, b, h, w, device)
+    pooled = fused_pooled_mask(mask, kernel_size)
+    assert pooled.shape == (b, h, w) and torch.equal(pooled, downscale_mask(mask, (h, w), kernel_size))
+    _, d_maps = tap_launch.tap_forward(zs, [pooled] * len(zs), "l1")
+    _, l2sq_maps = tap_launch.tap_forward(zs, [pooled] * len(zs), "l2sq")
+    for size, z, d, wmap, ref in zip(sizes, zs, d_maps, l2sq_maps, downscale_masks(mask, sizes, kernel_size)):
+        assert d.dtype == torch.float32 and d.shape == ref.shape
+        if size == (1, 1) and kind == "soft":
+            torch.testing.assert_close(d, ref, rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(d, ref), size
+        torch.testing.assert_close(wmap, 2 * ref.square() * torch.relu(z).sum(1), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("norm", ["l1", "l2sq"])
-def test_identity_form(device, dtype, norm):
-    """tap_identity returns Z itself (no copy) and adds the penalty gradient to the downstream one."""
+@pytest.mark.parametrize("source", ["pooled", "d_map"])
+def test_identity_form(device, dtype, norm, source):
+    """tap_identity returns Z itself (no copy) and adds the penalty gradient to the downstream one, with D
+    built from the max-pooled mask or given as the layer's D map."""
     b, c, h, w = 2, 6, 9, 7
     (z,) = _activations(b, [(c, h, w)], device, dtype, channels_last=norm == "l2sq")
     mask = _mask("random", b, 19, 15, device)
-    (d,) = fused_downscale_masks(mask, [(h, w)])
+    src = fused_pooled_mask(mask) if source == "pooled" else fused_downscale_masks(mask, [(h, w)])[0]
     u = torch.randn(b, c, h, w, device=device)
-    out, penalty = tap_identity(z, d, norm=norm)
+    out, penalty = tap_identity(z, src, norm=norm)
     assert out.data_ptr() == z.data_ptr() and torch.equal(out, z)
     grad = torch.autograd.grad((out.float() * u).sum() + 0.3 * penalty, z)[0]
     ref_penalty = tap_penalty_reference([z], mask, norm=norm)
@@ -212,8 +237,10 @@ def test_opcheck(device):
     zs = _activations(2, [(3, 5, 6), (4, 3, 3)], device, torch.float32, channels_last=False)
     mask = _mask("random", 2, 11, 12, device)
     ds = fused_downscale_masks(mask, [(5, 6), (3, 3)])
+    pooled = fused_pooled_mask(mask)
     for norm in ("l1", "l2sq"):
         torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, (zs, ds, norm))
+        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, (zs, [pooled, pooled], norm))
     torch.library.opcheck(torch.ops.tap_fast.downscale_masks.default, (mask, [5, 6, 3, 3], 3, True))
     g = torch.tensor(0.5, device=device)
     grad_out = torch.randn(2, 3, 5, 6, device=device)
@@ -243,8 +270,10 @@ def test_errors(monkeypatch):
         fused_tap_penalty([z], mask, kernel_size=2)
     with pytest.raises(ValueError, match="exceeds the mask size"):
         fused_tap_penalty([z], mask[..., :4, :4])
-    with pytest.raises(ValueError, match="d must be"):
+    with pytest.raises(ValueError, match="source must be"):
         tap_identity(z, torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match=r"sources\[0\] must be a floating-point \(B, H_s, W_s\)"):
+        tap_launch.tap_forward([z], [torch.zeros(2, 5, 4)], "l1")
     with pytest.raises(ValueError, match="size must lie"):
         tap_launch.downscale(mask[:, 0], (11, 5), 3)
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -37,13 +37,15 @@ SCRIPT = textwrap.dedent("""
                                              **ints("N", "H", "W", "HO", "WO", "max_bin_h"), "mean_factor": "fp32"},
                           {"K": k, "BIN_W": bin_w, "MEAN_MODE": mean_mode, "BLOCK": 256})
         assert "div.full" not in ptx and ("div.rn.f32" in ptx or mean_mode == 2), "D must use IEEE division"
-    for dtype, unit, l2sq in (("fp32", "stride_zp", False), ("bf16", "stride_zc", True)):
-        sig = {"z_ptr": "*" + dtype, "d_ptr": "*fp32", "partial_ptr": "*fp32", "w_ptr": "*fp32",
-               **ints("C", "HW", "stride_zb", "stride_zc", "stride_zp")}
-        sig.pop(unit)
-        ptx = compile_ptx(tap_forward_kernel, sig, {"L2SQ": l2sq, "BLOCK_C": 32, "BLOCK_P": 128, unit: 1},
-                          div16=sig)
+    for dtype, unit, l2sq, bin_w in (("fp32", "stride_zp", False, 4), ("bf16", "stride_zc", True, 1)):
+        aligned = ints("C", "HW", "stride_zb", "stride_zc", "stride_zp")
+        aligned.pop(unit)
+        sig = {"z_ptr": "*" + dtype, "src_ptr": "*fp32", "partial_ptr": "*fp32", "w_ptr": "*fp32", **aligned,
+               **ints("H", "W", "SH", "SW", "max_bin_h"), "mean_factor": "fp32"}
+        ptx = compile_ptx(tap_forward_kernel, sig, {"L2SQ": l2sq, "MEAN_MODE": 0, "BIN_W": bin_w, "BLOCK_C": 32,
+                                                    "BLOCK_P": 128, unit: 1}, div16=aligned)
         assert "ld.global.v4.b32" in ptx, "activation loads should be 16-byte vectors"
+        assert "div.full" not in ptx and "div.rn.f32" in ptx, "D must use IEEE division"
     compile_ptx(scaled_sum_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "scale": "fp32"},
                 {"BLOCK": 4096})
     for dtype, unit, has_grad_out in (("bf16", "p", True), ("fp32", "c", False)):
