@@ -1,5 +1,6 @@
 """pytest-benchmark: fused Triton TAP vs eager reference vs torch.compile(reference), forward and
-forward+backward, on a few tap shapes of ``kernel_table.MODELS``. Skipped without CUDA.
+forward+backward, on a few tap shapes of ``kernel_table.MODELS``. Skipped without CUDA (gpu_check.sh runs
+the ResNet-18 batch-128 bf16 ones).
 
     python -m pytest benchmarks/bench_kernels.py --benchmark-group-by=param:model,param:batch,param:dtype
 (``benchmarks/kernel_table.py`` prints the full table with bandwidths.)
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    pytest.skip("the kernel benchmarks need a CUDA device", allow_module_level=True)
 
 from kernel_table import IMPLS, make_impl, make_inputs  # noqa: E402
+
+# Collected everywhere (so selections can be checked on the CPU), run on CUDA only.
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel benchmarks need a CUDA device")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIGS = [("cnn2", 256), ("resnet18", 16), ("resnet18", 128), ("vgg16", 16), ("densenet121", 128)]

@@ -99,8 +99,8 @@ step environment 30 "$PY" -c "import torch, triton; print('torch', torch.__versi
 #    ResNet-18 batch 128 (fused vs eager vs torch.compile of the reference) and the peak-memory table.
 step tests_kernels 150 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_kernels.py tests/test_compiled_step.py \
     tests/test_tap_identity_step.py -m gpu
-step kernels_resnet18 100 "${KT[@]}" --models resnet18 --batches 128 --memory-batch 64 --out "$TMP/kernel_1.md" \
-    --json "$TMP/kernel_1.json"
+step kernels_resnet18 100 "${KT[@]}" --models resnet18 --batches 128 --dtypes bf16 fp32 --memory-batch 64 \
+    --out "$TMP/kernel_1.md" --json "$TMP/kernel_1.json"
 # 3. Issue 5: training steps at the paper's Table 1 setting (batch 16, 224 x 224) and MNIST shapes.
 step steps_b16_fp32 100 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 vgg16@224:16 densenet121@224:16 \
     --dtypes fp32 --out "$TMP/steps_1"
@@ -127,6 +127,8 @@ step steps_b16_compiled 60 "${ST[@]}" --configs resnet18@224:16 --rows none,tap 
     --out "$TMP/steps_4"
 step steps_max_rest 60 "${ST[@]}" --configs vgg16@224:max densenet121@224:max --dtypes bf16,fp32 \
     --channels-last --out "$TMP/steps_5"
+step bench_kernels 60 "${PYTEST[@]}" benchmarks/bench_kernels.py -k "resnet18-128 and bf16" \
+    --benchmark-columns=min,median,rounds --benchmark-json="$TMP/bench_kernels.json"
 # 6. DALI, when it was carried (benchmarks/dali_wheels.sh; PYTHONPATH=/tmp/site): its tests, CPU ones included,
 #    under the device's python and numpy (feeds and tests_engine above already took its GPU path).
 if [[ "$PLAN" == 1 ]] || "$PY" -c "import nvidia.dali" 2>/dev/null; then

@@ -1,10 +1,13 @@
-"""GPU-resident in-memory feed: uint8 images held on the device, contaminated once, sliced per batch.
+"""GPU-resident in-memory feed: clean uint8 images held on the device, contaminated per batch.
 
-The contamination (Section 5: decoys, tags, stripes; "permuted" variants) and its masks are made once for
-the whole set by the reference :func:`tap_fast.contamination.contaminate` on the device (60k x 28 x 28
-uint8 is 47 MB), so every batch equals the reference exactly; each batch is then an index gather plus the
-uint8 -> float normalisation. Batches have static shapes (the last partial batch is dropped by default)
-so a training step can be captured in a CUDA graph.
+The set stays clean (60k x 28 x 28 uint8 is 47 MB) beside its labels and the
+:class:`~tap_fast.contamination.SignalPlacement` that the reference :func:`tap_fast.contamination.contaminate`
+would write (Section 5: decoys, tags, stripes; "permuted" variants): a few template masks and, per sample, a
+template index and a value. Each batch is an index gather of the shuffled indices, the placement's share for
+those indices (contaminated pixels and the (B, 1, H, W) mask) and the uint8 -> float normalisation, all on
+the device, so every batch equals ``contaminate(all images, ...)[indices]`` exactly. Batches have static
+shapes (the last partial batch is dropped by default) and need no host sync, so a training step can be
+captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from tap_fast.contamination import KINDS, VARIANTS, contaminate
+from tap_fast.contamination import KINDS, VARIANTS, SignalPlacement, signal_placement
 
 
 def epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool = True, rank: int = 0,
@@ -54,6 +57,19 @@ def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return images.float().div_(255.0).sub_(mean).div_(std)
 
 
+def contaminate_and_normalise(images: torch.Tensor, samples: torch.Tensor, placement: SignalPlacement | None,
+                              mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's normalised float32 images and float32 mask (B, 1, H, W) from its clean uint8 ``images``
+    (B, 1, H, W), the samples' indices into the set (B,) and the set's ``placement`` (None: clean images and
+    a zero mask). No host sync."""
+    if placement is None:
+        mask = torch.zeros_like(images, dtype=torch.float32)
+    else:
+        images, mask = placement.apply(images, samples)
+        mask = mask.float()
+    return normalise(images, mean, std), mask
+
+
 class DeviceFeed:
     """Shuffled static-shape batches ``(x, y, mask)`` of an in-memory uint8 set held on ``device``.
 
@@ -74,6 +90,9 @@ class DeviceFeed:
 
     Iterating gives one epoch of ``x`` float32 (B, 1, H, W) normalised, ``y`` int64 (B,) and ``mask``
     float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``; the next iteration reads the next epoch.
+    The feed holds ``images`` (N, 1, H, W) uint8 clean, ``labels`` (N,) int64 and ``placement`` (the
+    :class:`~tap_fast.contamination.SignalPlacement` of ``contaminate(..., seed=seed)``, None when kind is
+    None or variant is "clean") on ``device``.
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, *, kind: str | None,
@@ -103,13 +122,11 @@ class DeviceFeed:
         self.device = torch.device(device)
         self.batch_size, self.drop_last, self.shuffle = batch_size, drop_last, shuffle
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, int(seed), 0
-        images, labels = images.to(self.device), labels.to(self.device, torch.int64)
-        if kind is None:
-            masks = torch.zeros_like(images)
-        else:
-            images, masks = contaminate(images, labels, kind, num_classes, variant=variant, seed=self.seed,
-                                        tags=tags)
-        self.images, self.labels, self.masks = images, labels, masks
+        placement = None if kind is None else signal_placement(
+            labels, kind, num_classes, height=images.shape[2], width=images.shape[3], variant=variant,
+            seed=self.seed, tags=tags)
+        self.placement = None if placement is None else placement.to(self.device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device, torch.int64)
 
     def __len__(self) -> int:
         share = self.images.shape[0] // self.world_size
@@ -129,8 +146,8 @@ class DeviceFeed:
         order = self.order().to(self.device, non_blocking=True)
         self.epoch += 1
         for idx in order.split(self.batch_size):
-            x = normalise(self.images[idx], self.mean, self.std)
-            yield x, self.labels[idx], self.masks[idx].float()
+            x, mask = contaminate_and_normalise(self.images[idx], idx, self.placement, self.mean, self.std)
+            yield x, self.labels[idx], mask
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:

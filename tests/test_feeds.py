@@ -1,18 +1,24 @@
-"""DeviceFeed (GPU-resident in-memory feed) against the reference contaminate(...) of the whole set."""
+"""DeviceFeed (GPU-resident in-memory feed, contaminated per batch) against the reference contaminate(...) of
+the whole set."""
 import pytest
 import torch
 
-from tap_fast.contamination import contaminate
+from tap_fast.contamination import VARIANTS, contaminate
 from tap_fast.feeds import DeviceFeed, epoch_order
 
 MEAN, STD = 0.1307, 0.3081
+WORLD_SIZE = 2
 
-# kind, num_classes, (H, W), N, batch size: odd sizes and counts, batch 1
+# kind, num_classes, (H, W), N, batch size, tags: odd sizes and counts; the batch size does not divide a
+# rank's share of N // WORLD_SIZE samples except in the batch-1 case
 CASES = [
-    ("decoy", 10, (28, 28), 37, 8),
-    ("tag", 5, (64, 60), 23, 5),
-    ("stripe", 2, (48, 53), 19, 1),
+    ("decoy", 10, (27, 29), 37, 5, None),
+    ("tag", 5, (61, 67), 23, 4, None),
+    ("tag", 3, (45, 51), 21, 4, ("AB", "CD", "EF")),
+    ("stripe", 2, (47, 53), 19, 4, None),
+    ("stripe", 5, (9, 31), 7, 1, None),
 ]
+CASE_IDS = ["decoy", "tag-default", "tag-custom", "stripe", "stripe-batch1"]
 
 
 def make_set(n, h, w, num_classes, seed=0):
@@ -32,29 +38,40 @@ def feed_for(images, labels, kind, num_classes, **kw):
     return DeviceFeed(images, labels, kind=kind, num_classes=num_classes, mean=MEAN, std=STD, **kw)
 
 
-@pytest.mark.parametrize("variant", ["contaminated", "permuted", "clean"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_batches_equal_reference_contamination(case, variant):
-    kind, num_classes, (h, w), n, b = case
+@pytest.mark.parametrize("drop_last", [True, False], ids=["drop_last", "keep_last"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_batches_equal_reference_contamination(case, variant, drop_last):
+    """Every batch of both ranks, two epochs: x, y, mask bit-exact against contaminate() of the whole set
+    indexed by the feed's order."""
+    kind, num_classes, (h, w), n, b, tags = case
     images, labels = make_set(n, h, w, num_classes)
-    ref_x, ref_m = contaminate(images, labels, kind, num_classes, variant=variant, seed=3)
-    if variant != "clean":
-        assert ref_m.sum() > 0 and not torch.equal(ref_x, images)  # the comparison is not vacuous
-    feed = feed_for(images, labels, kind, num_classes, variant=variant, batch_size=b)
-    orders = []
-    for _ in range(2):
-        order = feed.order()
-        batches = list(feed)
-        assert len(batches) == len(feed) == n // b
-        for k, (x, y, m) in enumerate(batches):
-            idx = order[k * b:(k + 1) * b]
-            assert x.shape == (b, 1, h, w) and x.dtype == torch.float32
-            assert m.shape == (b, 1, h, w) and m.dtype == torch.float32
-            assert torch.equal(x, reference_x(ref_x[idx]))
-            assert torch.equal(m, ref_m[idx].float())
-            assert torch.equal(y, labels[idx])
-        orders.append(order)
-    assert not torch.equal(orders[0], orders[1])  # reshuffled each epoch
+    ref_x, ref_m = contaminate(images, labels, kind, num_classes, variant=variant, seed=3, tags=tags)
+    if variant == "clean":
+        assert torch.equal(ref_x, images) and not ref_m.any()
+    else:  # the comparison is not vacuous: every sample carries a signal that changed its pixels
+        assert ref_m.flatten(1).any(1).all() and not torch.equal(ref_x, images)
+    share = n // WORLD_SIZE
+    sizes = [b] * (share // b) + ([share % b] if share % b and not drop_last else [])
+    for rank in range(WORLD_SIZE):
+        feed = feed_for(images, labels, kind, num_classes, variant=variant, batch_size=b, tags=tags,
+                        drop_last=drop_last, rank=rank, world_size=WORLD_SIZE)
+        assert torch.equal(feed.images, images)  # held clean: contaminated per batch
+        orders = []
+        for _ in range(2):
+            order = feed.order()
+            batches = list(feed)
+            assert [len(y) for _, y, _ in batches] == sizes and len(feed) == len(sizes)
+            assert len(order) == sum(sizes)
+            for k, (x, y, m) in enumerate(batches):
+                idx = order[k * b:(k + 1) * b]
+                assert x.shape == m.shape == (len(idx), 1, h, w)
+                assert x.dtype == m.dtype == torch.float32 and y.dtype == torch.int64
+                assert torch.equal(x, reference_x(ref_x[idx]))
+                assert torch.equal(m, ref_m[idx].float())
+                assert torch.equal(y, labels[idx])
+            orders.append(order)
+        assert not torch.equal(orders[0], orders[1])  # reshuffled each epoch
 
 
 def test_permuted_variant_moves_the_signal_not_the_positions():
@@ -140,15 +157,22 @@ def test_feed_on_device_matches_cpu_reference_on_real_mnist():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_gpu_feed_equals_cpu_reference(case):
-    kind, num_classes, (h, w), n, b = case
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gpu_feed_equals_cpu_reference_without_host_syncs(case):
+    kind, num_classes, (h, w), n, b, tags = case
     images, labels = make_set(n, h, w, num_classes)
-    ref_x, ref_m = contaminate(images, labels, kind, num_classes, variant="permuted", seed=3)
+    ref_x, ref_m = contaminate(images, labels, kind, num_classes, variant="permuted", seed=3, tags=tags)
     feed = feed_for(images, labels, kind, num_classes, variant="permuted", batch_size=b, device="cuda",
-                    rank=1, world_size=2)
+                    rank=1, world_size=2, tags=tags)
     order = feed.order()
-    for k, (x, y, m) in enumerate(feed):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the per-batch path must stay CUDA-graph friendly
+    try:
+        batches = list(feed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == len(feed) > 0
+    for k, (x, y, m) in enumerate(batches):
         idx = order[k * b:(k + 1) * b]
         assert x.is_cuda and torch.equal(x.cpu(), reference_x(ref_x[idx]))
         assert torch.equal(m.cpu(), ref_m[idx].float()) and torch.equal(y.cpu(), labels[idx])
