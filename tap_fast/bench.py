@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from tap_fast.cli import non_negative_int, positive_float, positive_int
 from tap_fast.compiled_step import make_step
 from tap_fast.contamination import contaminate
 from tap_fast.feeds import epoch_order
 from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.taps import TappedModel
 from tap_fast.train_step import METHODS
+from tap_fast.training import default_lambda, resolve_device
 
 # row -> (label, method, TAP backend). "tap" is the fused Triton op on CUDA and the reference elsewhere;
 # "tap-id" (its identity form inside the forward, Triton only) runs only when asked for with --rows.
@@ -51,7 +53,9 @@ GPU_CONFIGS = ("cnn2@28:256", "vgg16@224:16", "resnet18@224:16", "densenet121@22
                "resnet18@224:max", "densenet121@224:max")
 CPU_CONFIGS = ("cnn2@28:64", "cnn2@28:256", "resnet18@64:16")
 MNIST_MEAN_STD = (0.1307, 0.3081)  # section 5 / released code
+MNIST_BATCH = 256  # section 5.3
 DATA_SETS = 4  # distinct batches the timed steps rotate over
+MAX_BATCH_START = 16  # the first batch largest_batch tries ('max' configs)
 
 
 @dataclass(frozen=True)
@@ -218,8 +222,8 @@ def measure_interleaved(config: Config, batch: int, rows: list[str], dtype: str,
     return results
 
 
-def largest_batch(config: Config, device: torch.device, *, dtype: str, channels_last: bool, start: int = 16,
-                  limit: int = 1024) -> int:
+def largest_batch(config: Config, device: torch.device, *, dtype: str, channels_last: bool,
+                  start: int = MAX_BATCH_START, limit: int = 1024) -> int:
     """Largest power-of-two batch (from ``start`` up to ``limit``) at which one TAP step fits in memory."""
     best, batch = 0, start
     while batch <= limit:
@@ -272,7 +276,7 @@ def steps_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_000, batch: int = 256,
+def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_000, batch: int = MNIST_BATCH,
                    method: str = "tap", lam: float | None = None, compile: bool = False, cuda_graphs: bool = True,
                    amp_dtype: torch.dtype | None = None, data_dir: str | None = None, seed: int = 0) -> dict:
     """Section 5's MNIST run end to end: contaminate ``n_train`` 28x28 images with decoys on ``device``,
@@ -283,8 +287,6 @@ def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_
     (the same cost). ``lam``: default this package's lambda for TAP (L1) on MNIST with ground-truth masks.
     Returns wall times (total, set-up including compilation, training) and the losses.
     """
-    from tap_fast.training import default_lambda
-
     t0 = time.perf_counter()
     if lam is None:
         lam = default_lambda(method, "l1", "mnist", "cnn2", "ground-truth")
@@ -297,6 +299,8 @@ def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_
         images = torch.randint(0, 256, (n_train, 1, 28, 28), generator=g, dtype=torch.uint8)
         labels = torch.randint(0, 10, (n_train,), generator=g)
     n_train = images.shape[0]
+    if n_train < batch:
+        raise ValueError(f"n_train ({n_train} images) must be at least batch ({batch}): an epoch is whole batches")
     labels = labels.to(device)
     images, masks = contaminate(images.to(device), labels, "decoy", 10, seed=seed + 1)
     torch.manual_seed(seed)
@@ -364,31 +368,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default "
                                                 "none,tap,tap-ref,rrr,rbr on a GPU, none,tap,rrr,rbr on the CPU")
     p.add_argument("--max-rows", default="none,tap,tap-ref", help="rows at the largest batch ('max' configs)")
-    p.add_argument("--max-limit", type=int, default=1024, help="largest batch tried for 'max' configs")
+    p.add_argument("--max-limit", type=positive_int, default=1024,
+                   help=f"largest batch tried for 'max' configs (at least {MAX_BATCH_START})")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated of fp32,bf16 (bf16 = autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile the No XS / TAP steps (and the MNIST "
                                                           "protocol's; its compile time counts in its set-up)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="do not capture steps in CUDA graphs")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per row (GPU)")
-    p.add_argument("--max-steps", type=int, default=8, help="timed steps per row at the largest batch (GPU)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (graph capture needs 4)")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per row (CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per row (GPU)")
+    p.add_argument("--max-steps", type=positive_int, default=8, help="timed steps per row at the largest batch (GPU)")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (graph capture needs 4)")
+    p.add_argument("--rounds", type=positive_int, default=10, help="interleaved rounds per row (CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--mnist", action="store_true", help="also run the MNIST protocol (TAP and No XS)")
-    p.add_argument("--mnist-epochs", type=int, default=50)
-    p.add_argument("--mnist-n", type=int, default=54_000, help="training images (54,000 in the paper)")
+    p.add_argument("--mnist-epochs", type=positive_int, default=50)
+    p.add_argument("--mnist-n", type=positive_int, default=54_000,
+                   help=f"training images (54,000 in the paper; at least the batch of {MNIST_BATCH})")
     p.add_argument("--mnist-data", default=None, help="folder with mnist.npz; default random pixels")
     p.add_argument("--mnist-methods", default="tap,none")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; skip what would start later")
+    p.add_argument("--time-budget", type=positive_float, default=None, help="seconds; skip what would start later")
     p.add_argument("--out", default=None, help="folder for steps.md, steps.json, mnist.md, mnist.json")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line; exits with a message naming the bad argument."""
+    """Parse and check the command line (``device`` becomes a torch.device); exits through argparse (code 2)
+    with a message naming the bad argument."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+    if args.max_limit < MAX_BATCH_START:
+        parser.error(f"--max-limit: must be at least {MAX_BATCH_START} (the first batch tried), got {args.max_limit}")
+    if args.mnist_n < MNIST_BATCH:
+        parser.error(f"--mnist-n: must be at least the MNIST protocol's batch of {MNIST_BATCH}, got {args.mnist_n}")
+    if args.mnist_data is not None and not Path(args.mnist_data).exists():
+        parser.error(f"--mnist-data: {args.mnist_data} does not exist")
     for flag, text, allowed in (("--rows", args.rows or "none", ROWS), ("--max-rows", args.max_rows, ROWS),
                                 ("--dtypes", args.dtypes, DTYPES), ("--mnist-methods", args.mnist_methods, METHODS)):
         unknown = [name for name in text.split(",") if name not in allowed]
@@ -404,8 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = args.device
     gpu = device.type == "cuda"
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,40 +29,57 @@ DEMO_RUNS = (("Base", {"method": "none", "clean_train": True}), ("No XS", {"meth
              ("TAP", {"method": "tap"}))
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, what: str) -> int:
+    """Parse an integer of at least ``low`` for argparse."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _float_in(text: str, low: float, low_inclusive: bool, what: str) -> float:
-    """Parse a finite float above ``low`` (or at least it, when ``low_inclusive``) for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= low if low_inclusive else value > low) or value == float("inf"):
+        value = low - 1
+    if value < low:
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    return _float_in(text, 0.0, False, "a positive number")
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _float_in(text: str, what: str, *, low: float, high: float = math.inf, low_inclusive: bool = False,
+              high_inclusive: bool = True) -> float:
+    """Parse a finite float between ``low`` and ``high`` (each bound included or not) for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    above = value >= low if low_inclusive else value > low
+    below = value <= high if high_inclusive else value < high
+    if not (above and below and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _float_in(text, "a positive number", low=0.0)
 
 
 def _non_negative_float(text: str) -> float:
-    return _float_in(text, 0.0, True, "a finite number >= 0")
+    return _float_in(text, "a finite number >= 0", low=0.0, low_inclusive=True)
 
 
 def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text!r}")
-    return value
+    return _float_in(text, "in (0, 1)", low=0.0, high=1.0, high_inclusive=False)
+
+
+def _tau(text: str) -> float:
+    """Eq. 14's threshold on saliency normalised to a per-image maximum of 1: (0, 1], as check_config."""
+    return _float_in(text, "in (0, 1] (eq. 14's saliency threshold)", low=0.0, high=1.0)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -81,11 +99,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="data set (digits is embedded; the others read --data-dir)")
     p.add_argument("--data-dir", help="folder (or file) holding the data set; nothing is downloaded")
     p.add_argument("--cache-dir", help="pneu/knee: keep decoded images here")
-    p.add_argument("--image-size", type=_positive_int, help="resize images to this side (default: data set's)")
-    p.add_argument("--limit-train", type=_positive_int, help="use at most N training images (stratified)")
-    p.add_argument("--limit-test", type=_positive_int,
+    p.add_argument("--image-size", type=positive_int, help="resize images to this side (default: data set's)")
+    p.add_argument("--limit-train", type=positive_int, help="use at most N training images (stratified)")
+    p.add_argument("--limit-test", type=positive_int,
                    help="evaluate on a fixed class-stratified subset of N test images")
-    p.add_argument("--limit-val", type=_positive_int,
+    p.add_argument("--limit-val", type=positive_int,
                    help="validate on a fixed class-stratified subset of N validation images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -106,15 +124,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="TAP norm: l1 (eq. 8) or l2sq (squared, the released code)")
     p.add_argument("--lam", type=_non_negative_float,
                    help="lambda of eq. 3 (default: tuned value for method, norm, arch and data set)")
-    p.add_argument("--tau", type=_fraction, default=0.01, help="teacher threshold of eq. 14")
+    p.add_argument("--tau", type=_tau, default=0.01, help="teacher threshold of eq. 14")
     p.add_argument("--teacher-fraction", type=_fraction, default=0.1,
                    help="share of train held out clean for the teacher (paper: 0.1 or 0.01)")
-    p.add_argument("--teacher-epochs", type=_positive_int, help="teacher's epochs (default: --epochs)")
-    p.add_argument("--epochs", type=_positive_int, default=50)
-    p.add_argument("--lr", type=_positive_float, help="SGD learning rate (default 1e-3 cnn2, 1e-5 deep CNNs)")
+    p.add_argument("--teacher-epochs", type=positive_int, help="teacher's epochs (default: --epochs)")
+    p.add_argument("--epochs", type=positive_int, default=50)
+    p.add_argument("--lr", type=positive_float, help="SGD learning rate (default 1e-3 cnn2, 1e-5 deep CNNs)")
     p.add_argument("--momentum", type=_non_negative_float, default=0.9)
-    p.add_argument("--batch-size", type=_positive_int, help="default 256 (MNIST, digits), 16 (medical)")
-    p.add_argument("--kernel-size", type=_positive_int, default=3, help="max-pool window of D(M, l), eq. 7")
+    p.add_argument("--batch-size", type=positive_int, help="default 256 (MNIST, digits), 16 (medical)")
+    p.add_argument("--kernel-size", type=positive_int, default=3, help="max-pool window of D(M, l), eq. 7")
     p.add_argument("--compound", action="store_true",
                    help="downscale each layer's mask from the previous one's (released code)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -124,8 +142,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="replay the whole training step as one CUDA graph")
     p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast the step: none (fp32) or bf16")
     p.add_argument("--tap-backend", choices=STEP_BACKENDS, default="auto",
-                   help="TAP's kernels: auto (fused Triton on CUDA, else PyTorch), torch, triton, or identity "
-                        "(the fused op's identity form inside the forward; Triton only)")
+                   help="TAP's kernels (method tap only): auto (fused Triton on CUDA, else PyTorch), torch, "
+                        "triton, or identity (the fused op's identity form inside the forward); triton and "
+                        "identity need Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
     p.add_argument("--run-dir", help="folder for checkpoints (every epoch) and cached annotations")
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
 
@@ -146,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="Figure 8: teacher annotation precision/recall against ground truth")
     _add_data_args(p)
     p.add_argument("--teacher-fraction", type=_fraction, default=0.1)
-    p.add_argument("--tau", type=_fraction, nargs="+", default=list(TAUS), help="thresholds of eq. 14")
-    p.add_argument("--epochs", type=_positive_int, default=50, help="teacher's epochs")
-    p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--tau", type=_tau, nargs="+", default=list(TAUS), help="thresholds of eq. 14")
+    p.add_argument("--epochs", type=positive_int, default=50, help="teacher's epochs")
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--run-dir", help="save masks_tau*.pt here")
     p = sub.add_parser("demo", help="No XS vs TAP on the embedded digits: the shortcut and its removal")
     p.add_argument("--quick", action="store_true", help="a few-second smoke run (too short to show the effect)")
-    p.add_argument("--epochs", type=_positive_int, help=f"epochs per model (default {DEMO['epochs']})")
+    p.add_argument("--epochs", type=positive_int, help=f"epochs per model (default {DEMO['epochs']})")
     p.add_argument("--seeds", type=_seed_list, default=[0, 1],
                    help="comma-separated seeds to average over (default: 0,1)")
     p.add_argument("--device", default="auto")

@@ -53,8 +53,8 @@ def check_normalisation(mean: float, std: float) -> tuple[float, float]:
 
 
 def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 pixels -> float32 (x / 255 - mean) / std."""
-    return images.float().div_(255.0).sub_(mean).div_(std)
+    """uint8 pixels -> float32 (x / 255 - mean) / std, in a new tensor (float input is not modified)."""
+    return images.float().div(255.0).sub_(mean).div_(std)
 
 
 def contaminate_and_normalise(images: torch.Tensor, samples: torch.Tensor, placement: SignalPlacement | None,

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tap_fast.feeds import normalise
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
 from tap_fast.tap import BACKENDS as TAP_BACKENDS
 from tap_fast.tap import tap_penalty
@@ -22,7 +23,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
     Args:
         model: a :class:`~tap_fast.taps.TappedModel` (forward returns ``(logits, activations)``), in train mode.
-        images: (B, C, H, W) uint8 batch on the model's device; normalised here as (x / 255 - mean) / std.
+        images: (B, C, H, W) uint8 batch on the model's device; normalised here by :func:`~tap_fast.feeds.normalise`.
         labels: (B,) int64 class indices.
         masks: (B, 1, H, W) binary annotation masks (1 = spurious), validated once per data set beforehand;
             unused (may be None) for method "none".
@@ -36,7 +37,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         explain_in_eval: compute the RRR / RBR term from a second forward pass in eval mode, as the released
             code does; needed for BatchNorm models, whose training-mode backward lacks 3rd-order derivatives.
     """
-    x = images.float().div(255.0).sub(mean).div(std)
+    x = normalise(images, mean, std)
     input_grad = method in ("rrr", "rbr") and not explain_in_eval
     if input_grad:
         x.requires_grad_(True)

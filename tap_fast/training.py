@@ -29,9 +29,9 @@ from tap_fast.distributed import (DistContext, all_reduce_sum, env_ranks, init_d
                                   shutdown, unwrap, wrap_ddp)
 from tap_fast.evaluation import evaluate_variants, shortcut_drop
 from tap_fast.feeds import epoch_order
-from tap_fast.masks import check_mask_values
+from tap_fast.masks import check_kernel_size, check_mask_values
 from tap_fast.models import ARCHS, build_model, tap_points
-from tap_fast.tap import NORMS
+from tap_fast.tap import NORMS, triton_available
 from tap_fast.taps import TappedModel
 from tap_fast.train_step import BACKENDS as STEP_BACKENDS
 from tap_fast.train_step import METHODS
@@ -154,15 +154,21 @@ def sweep_lambdas(method: str) -> list[float]:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; otherwise any torch device string."""
+    """"auto" -> CUDA when available, else CPU; otherwise "cpu" or an available CUDA device ("cuda", "cuda:1").
+    Raises ValueError naming ``device`` for anything else."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device such as 'cuda:0', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device such as 'cuda:0', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} was requested but there are {torch.cuda.device_count()} CUDA "
+                         "device(s)")
     return dev
 
 
@@ -181,9 +187,7 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(config.kernel_size, int) or config.kernel_size < 1 or config.kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int (eq. 7's max-pool window), got "
-                         f"{config.kernel_size!r}")
+    check_kernel_size(config.kernel_size)
     if not 0.0 <= config.momentum < 1.0:
         raise ValueError(f"momentum must lie in [0, 1), got {config.momentum!r}")
     if config.lr is not None and not config.lr > 0:
@@ -200,8 +204,32 @@ def check_config(config: TrainConfig) -> None:
     if config.tap_backend == "identity" and config.compound:
         raise ValueError("compound (chained mask downscaling) is not supported by tap_backend 'identity'; "
                          "use 'auto', 'torch' or 'triton'")
+    _check_tap_backend(config)
     if config.resume and config.run_dir is None:
         raise ValueError("resume needs run_dir (--run-dir), the folder holding checkpoint.pt")
+
+
+def _check_tap_backend(config: TrainConfig) -> None:
+    """A non-"auto" tap_backend only with method "tap"; "triton" / "identity" need the triton package and a
+    CUDA device, or TRITON_INTERPRET=1 (Triton's CPU interpreter)."""
+    backend = config.tap_backend
+    if backend == "auto":
+        return
+    if config.method != "tap":
+        raise ValueError(f"tap_backend {backend!r} picks TAP's kernels and applies to method 'tap' only, got "
+                         f"method {config.method!r}; leave tap_backend 'auto'")
+    if backend == "torch":
+        return
+    if not triton_available():
+        raise ValueError(f"tap_backend {backend!r} needs the triton package, which is not installed; use "
+                         "tap_backend 'auto' or 'torch'")
+    from kernels.tap_launch import interpreter_enabled
+
+    device = resolve_device(config.device)
+    if device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(f"tap_backend {backend!r} runs Triton kernels, which need a CUDA device (device is "
+                         f"{str(device)!r}) or TRITON_INTERPRET=1 for Triton's CPU interpreter; use tap_backend "
+                         "'auto' or 'torch' on the CPU")
 
 
 def load(config: TrainConfig) -> Dataset:

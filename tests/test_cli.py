@@ -47,6 +47,30 @@ def test_bad_arguments_exit_non_zero_naming_the_argument(args, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_tau_takes_eq14s_range_like_the_library():
+    """--tau accepts (0, 1], as check_config and annotations.threshold_saliency do (tau = 1 is allowed)."""
+    from tap_fast.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["train", "--tau", "1"]).tau == 1.0
+    assert parser.parse_args(["annotate", "--tau", "0.01", "1"]).tau == [0.01, 1.0]
+    for bad in ("0", "1.01", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--tau", bad])
+
+
+def test_triton_backend_on_the_cpu_is_refused_up_front(monkeypatch, capsys):
+    """Without Triton's interpreter, --tap-backend triton / identity on the CPU is an argument error before
+    any data is loaded, naming the flag and what it needs."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    for backend in ("triton", "identity"):
+        assert main(["train", *TINY, "--method", "tap", "--tap-backend", backend]) == 2
+        err = capsys.readouterr().err
+        assert f"argument --tap-backend: tap_backend '{backend}' runs Triton kernels" in err
+        assert "TRITON_INTERPRET=1" in err and "epoch" not in err
+    assert main(["train", *TINY, "--method", "none", "--tap-backend", "torch"]) == 2
+    assert "argument --tap-backend: tap_backend 'torch'" in capsys.readouterr().err
+
+
 def test_empty_mnist_folder_is_an_error_naming_the_data(tmp_path, capsys):
     assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tap_fast.contamination import VARIANTS, contaminate
-from tap_fast.feeds import DeviceFeed, epoch_order
+from tap_fast.feeds import DeviceFeed, epoch_order, normalise
 
 MEAN, STD = 0.1307, 0.3081
 WORLD_SIZE = 2
@@ -199,3 +199,14 @@ def test_bad_inputs(kwargs, error, match):
     images, labels = args.pop("images_uint8"), args.pop("labels")
     with pytest.raises(error, match=match):
         DeviceFeed(images, labels, **args)
+
+
+def test_normalise_leaves_its_input_alone():
+    """normalise returns a new float32 tensor; a float input (already float32) is not changed in place."""
+    x = torch.tensor([[0.0, 127.5, 255.0]])
+    before = x.clone()
+    out = normalise(x, 0.5, 0.25)
+    assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(out, torch.tensor([[-2.0, 0.0, 2.0]]))
+    u8 = torch.tensor([[0, 51, 255]], dtype=torch.uint8)
+    torch.testing.assert_close(normalise(u8, 0.0, 1.0), torch.tensor([[0.0, 0.2, 1.0]]))

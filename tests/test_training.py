@@ -1,6 +1,7 @@
 """Training step, metrics over whole sets, evaluation on the three test versions, checkpoint / resume."""
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -206,6 +207,50 @@ def test_default_lambdas_follow_norm_and_appendix_c():
 def test_check_config_names_the_bad_field(changes, match):
     with pytest.raises(ValueError, match=match):
         check_config(dataclasses.replace(TrainConfig(), **changes))
+
+
+def test_check_config_checks_kernel_size_with_the_masks_helper(monkeypatch):
+    """kernel_size is checked by masks.check_kernel_size (eq. 7's window), the check the TAP API uses."""
+    import tap_fast.training as training
+    seen = []
+    monkeypatch.setattr(training, "check_kernel_size", seen.append)
+    check_config(TrainConfig(kernel_size=5))
+    assert seen == [5]
+
+
+@pytest.mark.parametrize("tau,ok", [(0.01, True), (1.0, True), (1e-9, True), (0.0, False), (1.0001, False),
+                                    (float("nan"), False)])
+def test_tau_range_is_eq14s_threshold_range(tau, ok):
+    """tau thresholds saliency maps normalised to a per-image maximum of 1 (eq. 13-14): (0, 1] as in
+    annotations.threshold_saliency; the CLI takes the same range (tests/test_cli.py)."""
+    config = TrainConfig(tau=tau)
+    if ok:
+        check_config(config)
+    else:
+        with pytest.raises(ValueError, match=r"tau must lie in \(0, 1\]"):
+            check_config(config)
+
+
+@pytest.mark.parametrize("backend", ["triton", "identity"])
+def test_check_config_needs_cuda_or_the_interpreter_for_triton_backends(backend, monkeypatch):
+    config = TrainConfig(method="tap", tap_backend=backend, device="cpu")
+    check_config(config)  # conftest sets TRITON_INTERPRET=1: Triton's CPU interpreter runs the kernels
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match=rf"tap_backend '{backend}' runs Triton kernels.*CUDA device.*"
+                                         r"TRITON_INTERPRET=1"):
+        check_config(config)
+    check_config(dataclasses.replace(config, tap_backend="torch"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails, as when absent
+    with pytest.raises(ValueError, match=rf"tap_backend '{backend}' needs the triton package"):
+        check_config(config)
+
+
+@pytest.mark.parametrize("method", ["none", "rrr", "rbr"])
+def test_check_config_refuses_a_tap_backend_without_tap(method):
+    check_config(TrainConfig(method=method, tap_backend="auto"))
+    with pytest.raises(ValueError, match=rf"tap_backend 'torch' .*method 'tap' only.*got method '{method}'"):
+        check_config(TrainConfig(method=method, tap_backend="torch"))
 
 
 def test_prepare_contaminates_each_split_once_with_ground_truth_masks():
