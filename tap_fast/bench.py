@@ -29,7 +29,7 @@ import torch
 from tap_fast.cli import non_negative_int, positive_float, positive_int
 from tap_fast.compiled_step import make_step
 from tap_fast.contamination import contaminate
-from tap_fast.feeds import epoch_order
+from tap_fast.feeds import DeviceFeed
 from tap_fast.models import ARCHS, build_model, tap_points
 from tap_fast.taps import TappedModel
 from tap_fast.train_step import METHODS
@@ -279,9 +279,10 @@ def steps_table(results: list[dict]) -> str:
 def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_000, batch: int = MNIST_BATCH,
                    method: str = "tap", lam: float | None = None, compile: bool = False, cuda_graphs: bool = True,
                    amp_dtype: torch.dtype | None = None, data_dir: str | None = None, seed: int = 0) -> dict:
-    """Section 5's MNIST run end to end: contaminate ``n_train`` 28x28 images with decoys on ``device``,
-    build the two-layer CNN and its step, train ``epochs`` epochs of shuffled static batches (the last
-    partial batch dropped) with losses summed on the device and read once per epoch.
+    """Section 5's MNIST run end to end: ``n_train`` 28x28 uint8 images held on ``device`` in a
+    :class:`~tap_fast.feeds.DeviceFeed` that contaminates each shuffled static batch with decoys there (the
+    last partial batch dropped), the two-layer CNN and its step, ``epochs`` epochs with losses summed on the
+    device and read once per epoch.
 
     Uses MNIST's training split from ``data_dir`` (``tap_fast.datasets``) when given, else random pixels
     (the same cost). ``lam``: default this package's lambda for TAP (L1) on MNIST with ground-truth masks.
@@ -301,8 +302,9 @@ def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_
     n_train = images.shape[0]
     if n_train < batch:
         raise ValueError(f"n_train ({n_train} images) must be at least batch ({batch}): an epoch is whole batches")
-    labels = labels.to(device)
-    images, masks = contaminate(images.to(device), labels, "decoy", 10, seed=seed + 1)
+    # uint8 batches (mean, std None): the step normalises them
+    feed = DeviceFeed(images, labels, kind="decoy", num_classes=10, batch_size=batch, mean=None, std=None,
+                      seed=seed, device=device)
     torch.manual_seed(seed)
     model = TappedModel(build_model("cnn2", 10).to(device), tap_points("cnn2")).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -311,16 +313,13 @@ def mnist_protocol(device: torch.device, *, epochs: int = 50, n_train: int = 54_
                      amp_dtype=amp_dtype)
     _sync(device)
     t_setup = time.perf_counter()
-    n_batches = n_train // batch
+    n_batches = len(feed)
     history, epoch_s = [], []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         te = time.perf_counter()
-        order = epoch_order(n_train, epoch=epoch, seed=seed).to(device, non_blocking=True)
         sums = torch.zeros(3, device=device)
-        for k in range(n_batches):
-            idx = order[k * batch:(k + 1) * batch]
-            out = step(images.index_select(0, idx), labels.index_select(0, idx), masks.index_select(0, idx))
-            sums += torch.stack(out)
+        for x, y, masks in feed:
+            sums += torch.stack(step(x, y, masks))
         history.append([v / n_batches for v in sums.tolist()])  # the epoch's one host sync
         epoch_s.append(time.perf_counter() - te)
     t_end = time.perf_counter()

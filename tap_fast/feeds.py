@@ -44,8 +44,14 @@ def check_sharding(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
 
 
-def check_normalisation(mean: float, std: float) -> tuple[float, float]:
-    """Return (mean, std) as floats; std must be positive (both on the [0, 1] pixel scale)."""
+def check_normalisation(mean: float | None, std: float | None) -> tuple[float, float] | tuple[None, None]:
+    """Return (mean, std) as floats; std must be positive (both on the [0, 1] pixel scale). Both None (a feed
+    of uint8 batches for a step that normalises them itself) stay None."""
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError(f"mean and std must both be numbers (normalised batches) or both be None (uint8 "
+                         f"batches), got mean={mean!r}, std={std!r}")
     mean, std = float(mean), float(std)
     if not std > 0:
         raise ValueError(f"std must be positive (on the [0, 1] pixel scale), got {std}")
@@ -58,16 +64,16 @@ def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 def contaminate_and_normalise(images: torch.Tensor, samples: torch.Tensor, placement: SignalPlacement | None,
-                              mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's normalised float32 images and float32 mask (B, 1, H, W) from its clean uint8 ``images``
-    (B, 1, H, W), the samples' indices into the set (B,) and the set's ``placement`` (None: clean images and
-    a zero mask). No host sync."""
+                              mean: float | None, std: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's normalised float32 images (uint8 as they are when mean and std are None) and float32 mask
+    (B, 1, H, W) from its clean uint8 ``images`` (B, 1, H, W), the samples' indices into the set (B,) and
+    the set's ``placement`` (None: clean images and a zero mask). No host sync."""
     if placement is None:
         mask = torch.zeros_like(images, dtype=torch.float32)
     else:
         images, mask = placement.apply(images, samples)
         mask = mask.float()
-    return normalise(images, mean, std), mask
+    return (images if mean is None else normalise(images, mean, std)), mask
 
 
 class DeviceFeed:
@@ -80,7 +86,8 @@ class DeviceFeed:
         num_classes: number of classes.
         variant: "contaminated" (signal = label), "permuted" (signal = permuted label) or "clean".
         batch_size: samples per batch (per rank).
-        mean, std: normalisation constants on the [0, 1] pixel scale.
+        mean, std: normalisation constants on the [0, 1] pixel scale; both None: ``x`` is the contaminated
+            uint8 batch, as :func:`tap_fast.compiled_step.make_step` takes it (the step normalises).
         seed: seeds the contamination (as ``contaminate(..., seed=seed)``) and the shuffling.
         device: where the set lives and batches are made.
         drop_last: drop the last partial batch (static shapes for CUDA graphs).
@@ -88,7 +95,7 @@ class DeviceFeed:
         rank, world_size: DDP sharding; each rank reads a disjoint equal share of each epoch.
         tags: text tags per class for kind="tag" (defaults of :func:`contaminate` when None).
 
-    Iterating gives one epoch of ``x`` float32 (B, 1, H, W) normalised, ``y`` int64 (B,) and ``mask``
+    Iterating gives one epoch of ``x`` float32 (B, 1, H, W) normalised (or uint8), ``y`` int64 (B,) and ``mask``
     float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``; the next iteration reads the next epoch.
     The feed holds ``images`` (N, 1, H, W) uint8 clean, ``labels`` (N,) int64 and ``placement`` (the
     :class:`~tap_fast.contamination.SignalPlacement` of ``contaminate(..., seed=seed)``, None when kind is
@@ -96,8 +103,8 @@ class DeviceFeed:
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, *, kind: str | None,
-                 num_classes: int, variant: str = "contaminated", batch_size: int, mean: float, std: float,
-                 seed: int = 0, device: torch.device | str = "cuda", drop_last: bool = True,
+                 num_classes: int, variant: str = "contaminated", batch_size: int, mean: float | None,
+                 std: float | None, seed: int = 0, device: torch.device | str = "cuda", drop_last: bool = True,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  tags: Sequence[str] | None = None) -> None:
         images = _check_images(images_uint8)

@@ -34,8 +34,8 @@ def reference_x(images):
 
 
 def feed_for(images, labels, kind, num_classes, **kw):
-    kw = {"variant": "contaminated", "batch_size": 4, "seed": 3, "device": "cpu", **kw}
-    return DeviceFeed(images, labels, kind=kind, num_classes=num_classes, mean=MEAN, std=STD, **kw)
+    kw = {"variant": "contaminated", "batch_size": 4, "seed": 3, "device": "cpu", "mean": MEAN, "std": STD, **kw}
+    return DeviceFeed(images, labels, kind=kind, num_classes=num_classes, **kw)
 
 
 @pytest.mark.parametrize("drop_last", [True, False], ids=["drop_last", "keep_last"])
@@ -210,3 +210,35 @@ def test_normalise_leaves_its_input_alone():
     torch.testing.assert_close(out, torch.tensor([[-2.0, 0.0, 2.0]]))
     u8 = torch.tensor([[0, 51, 255]], dtype=torch.uint8)
     torch.testing.assert_close(normalise(u8, 0.0, 1.0), torch.tensor([[0.0, 0.2, 1.0]]))
+
+
+def test_uint8_feed_drives_the_training_step():
+    """mean = std = None gives the contaminated uint8 batches that make_step takes: training from the feed
+    equals training on contaminate() of the whole set indexed by the feed's order (losses and weights)."""
+    import copy
+
+    from tap_fast.compiled_step import make_step
+    from tap_fast.models import build_model, tap_points
+    from tap_fast.taps import TappedModel
+
+    images, labels = make_set(24, 28, 28, 10)
+    feed = feed_for(images, labels, "decoy", 10, batch_size=8, mean=None, std=None)
+    ref_x, ref_m = contaminate(images, labels, "decoy", 10, seed=3)
+    torch.manual_seed(0)
+    models = [TappedModel(build_model("cnn2", 10), tap_points("cnn2"))]
+    models.append(copy.deepcopy(models[0]))
+    steps = [make_step(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), method="tap", lam=0.1,
+                       mean=MEAN, std=STD) for m in models]
+    order = feed.order()
+    for (x, y, m), idx in zip(feed, order.split(8)):
+        assert x.dtype == torch.uint8 and torch.equal(x, ref_x[idx]) and m.any()
+        ours = steps[0](x, y, m)
+        ref = steps[1](ref_x[idx], labels[idx], ref_m[idx].float())
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref)) and ours[2] > 0
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_mean_and_std_go_together():
+    images, labels = make_set(8, 9, 9, 2)
+    with pytest.raises(ValueError, match="mean and std must both be numbers .* or both be None"):
+        DeviceFeed(images, labels, kind=None, num_classes=2, batch_size=2, mean=None, std=0.3, device="cpu")
