@@ -2,18 +2,25 @@
 
 Each row is trained for several seeds with ``tap_fast.training.train`` and reported as mean (std) of the
 final-epoch accuracy on the contaminated, permuted and clean test sets, beside the paper's numbers.
-Writes ``mnist_results.json`` and ``mnist_results.md`` to ``--out-dir``.
+Writes ``mnist_results.json`` and ``mnist_results.md`` to ``--out-dir`` after every finished (row, seed), and
+checkpoints every run after each epoch in its own folder of ``--run-dir`` (default ``--out-dir``/runs): a killed
+run started again with ``--resume`` skips the (row, seed) pairs in the JSON and continues the unfinished one
+from its last checkpoint.
 
 Full run (GPU; the paper's settings: 50 epochs, lr 1e-3, batch 256, 5 seeds):
     python benchmarks/reproduce_mnist.py --data-dir ../shared/data/mnist --out-dir runs/mnist
 A short CPU run to check the pipeline:
     python benchmarks/reproduce_mnist.py --data-dir ../shared/data/mnist --epochs 1 --limit-train 2000 \\
         --limit-test 500 --seeds 0 --rows base,noxs,tap --lr 0.05
+Continue a killed run: the same command with --resume.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import re
 import statistics
 import sys
 import time
@@ -21,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tap_fast.cli import positive_float, positive_int, seed_list, tau_value  # noqa: E402
+from tap_fast.datasets import load_dataset  # noqa: E402
 from tap_fast.training import TrainConfig, save_json, train  # noqa: E402
 
 VARIANTS = ("contaminated", "permuted", "clean")
@@ -48,16 +57,19 @@ TEACHERS = {"10%": ("teacher", 0.1, 0), "1%": ("teacher", 0.01, 1), "random": ("
 GROUND_TRUTH_ROWS = {"base": ("Base", {"method": "none", "clean_train": True}), "noxs": ("No XS", {"method": "none"}),
                      "rrr": ("RRR", {"method": "rrr"}), "rbr": ("RBR", {"method": "rbr"}),
                      "tap": ("TAP", {"method": "tap"})}
+ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher")
+# Arguments that change what a run computes: a resumed run must have the same.
+RUN_ARGS = ("data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test")
 
 
 def rows(selected: list[str], taus: list[float]) -> list[tuple[str, dict, tuple | None]]:
-    """(row name, TrainConfig overrides, paper values per test set or None)."""
+    """(row name, TrainConfig overrides, paper values per test set or None) for keys of ``ROW_KEYS``."""
     out = []
     for key in selected:
         if key in GROUND_TRUTH_ROWS:
             name, overrides = GROUND_TRUTH_ROWS[key]
             out.append((name, overrides, PAPER_TABLE9[name]))
-        elif key == "teacher":
+        else:
             for tau in taus:
                 for label, (annotations, fraction, column) in TEACHERS.items():
                     paper = PAPER_TABLE12.get(tau)
@@ -65,13 +77,97 @@ def rows(selected: list[str], taus: list[float]) -> list[tuple[str, dict, tuple 
                                 {"method": "tap", "annotations": annotations, "teacher_fraction": fraction,
                                  "tau": tau},
                                 tuple(paper[v][column] for v in VARIANTS) if paper else None))
-        else:
-            raise SystemExit(f"--rows: unknown row {key!r}; choose from {[*GROUND_TRUTH_ROWS, 'teacher']}")
     return out
+
+
+def row_keys(text: str) -> list[str]:
+    """argparse type of --rows: comma-separated keys of ``ROW_KEYS``."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ROW_KEYS]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(f"must be comma-separated rows of {list(ROW_KEYS)}, got {text!r}")
+    return keys
+
+
+def tau_list(text: str) -> list[float]:
+    """argparse type of --taus: comma-separated thresholds in (0, 1]."""
+    return [tau_value(t) for t in text.split(",")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder with mnist.npz or the IDX files")
+    parser.add_argument("--out-dir", default="runs/reproduce_mnist")
+    parser.add_argument("--run-dir", help="checkpoints, one folder per row and seed (default: OUT_DIR/runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the (row, seed) pairs in OUT_DIR/mnist_results.json; continue the others "
+                             "from their checkpoints")
+    parser.add_argument("--rows", type=row_keys, default=list(ROW_KEYS),
+                        help="comma-separated: base, noxs, rrr, rbr, tap, teacher (Table 12 rows)")
+    parser.add_argument("--taus", type=tau_list, default=[0.01, 0.05, 0.1])
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=positive_int, default=50)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--norm", choices=("l1", "l2sq"), default="l1",
+                        help="TAP norm; l2sq with --compound is the released code's form (Appendix C lambdas)")
+    parser.add_argument("--compound", action="store_true")
+    parser.add_argument("--limit-train", type=positive_int)
+    parser.add_argument("--limit-test", type=positive_int)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:  # before any training: a missing folder, or one without MNIST, is an argument error
+        load_dataset("mnist", args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"argument --data-dir: {e}")
+    args.run_dir = args.run_dir or str(Path(args.out_dir) / "runs")
+    args.finished = finished_runs(parser, args) if args.resume else {}
+    return args
+
+
+def finished_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], dict]:
+    """The per-seed records of a previous run's JSON by (row, seed); its RUN_ARGS must equal ``args``'."""
+    path = Path(args.out_dir) / "mnist_results.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    differ = [f"{k} {saved['args'].get(k)!r} != {getattr(args, k)!r}" for k in RUN_ARGS
+              if saved["args"].get(k) != getattr(args, k)]
+    if differ:
+        parser.error(f"argument --resume: {path} was written with other settings ({'; '.join(differ)}); "
+                     "use another --out-dir or the same settings")
+    return {(r["row"], run["seed"]): run for r in saved["results"] for run in r["runs"]}
+
+
+def train_seed(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> dict:
+    """One (row, seed) run, checkpointed in its own folder: test accuracies, lambda and time, or divergence."""
+    run_dir = Path(args.run_dir) / re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") / f"seed{seed}"
+    config = TrainConfig(dataset="mnist", data_dir=args.data_dir, epochs=args.epochs, lr=args.lr,
+                         batch_size=args.batch_size, norm=args.norm, compound=args.compound, seed=seed,
+                         limit_train=args.limit_train, limit_test=args.limit_test, device=args.device,
+                         quiet=args.quiet, run_dir=str(run_dir), resume=args.resume, **overrides)
+    start = time.perf_counter()
+    try:
+        record = train(config)
+    except FloatingPointError as e:  # the paper reports such runs as "did not converge"
+        return {"seed": seed, "diverged": str(e), "lam": None, "time_s": time.perf_counter() - start}
+    return ({v: record["metrics"][v]["accuracy"] for v in VARIANTS}
+            | {"seed": seed, "lam": record["config"]["lam"], "annotations": record["annotations"],
+               "time_s": record["timing"]["total_s"]})
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def row_record(name: str, overrides: dict, paper: tuple | None, runs: list[dict]) -> dict:
+    """A row's mean (std) over its finished seeds."""
+    converged = [s for s in runs if "diverged" not in s]
+    ours = {v: summarise([s[v] for s in converged]) if converged else (math.nan, math.nan) for v in VARIANTS}
+    return {"row": name, "overrides": overrides, "lam": next((s["lam"] for s in converged), None), "ours": ours,
+            "paper": paper, "runs": runs, "diverged": len(runs) - len(converged),
+            "time_s": statistics.fmean(s["time_s"] for s in runs) if runs else math.nan}
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
@@ -84,64 +180,50 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         ours = [f"{m:.3f} ({s:.3f})" for m, s in (r["ours"][v] for v in VARIANTS)]
         paper = [f"{m:.3f} ({s:.3f})" for m, s in r["paper"]] if r["paper"] else ["-"] * 3
         lam = "-" if r["lam"] is None else f"{r['lam']:g}"
-        note = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        notes = [f"{r['diverged']} diverged"] * bool(r["diverged"])
+        notes += [f"{len(r['runs'])} of {len(args.seeds)} seeds"] * (len(r["runs"]) < len(args.seeds))
+        note = f" ({', '.join(notes)})" if notes else ""
         lines.append(f"| {r['row']}{note} | {lam} | {' | '.join(ours)} | {' | '.join(paper)} | {r['time_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True, help="folder with mnist.npz or the IDX files")
-    parser.add_argument("--out-dir", default="runs/reproduce_mnist")
-    parser.add_argument("--rows", default="base,noxs,rrr,rbr,tap,teacher",
-                        help="comma-separated: base, noxs, rrr, rbr, tap, teacher (Table 12 rows)")
-    parser.add_argument("--taus", default="0.01,0.05,0.1")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--norm", choices=("l1", "l2sq"), default="l1",
-                        help="TAP norm; l2sq with --compound is the released code's form (Appendix C lambdas)")
-    parser.add_argument("--compound", action="store_true")
-    parser.add_argument("--limit-train", type=int)
-    parser.add_argument("--limit-test", type=int)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    taus = [float(t) for t in args.taus.split(",")]
+def write(results: list[dict], args: argparse.Namespace) -> str:
+    """Replace the JSON (atomically: a kill leaves the previous one) and the markdown table; return the table."""
     out_dir = Path(args.out_dir)
-    results = []
-    for name, overrides, paper in rows([r.strip() for r in args.rows.split(",") if r.strip()], taus):
-        per_seed, lam, start = [], None, time.perf_counter()
+    settings = {k: v for k, v in vars(args).items() if k != "finished"}
+    save_json({"args": settings, "results": results}, out_dir / "mnist_results.json.tmp")
+    os.replace(out_dir / "mnist_results.json.tmp", out_dir / "mnist_results.json")
+    table = markdown(results, args)
+    (out_dir / "mnist_results.md").write_text(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    selected = rows(args.rows, args.taus)
+    total, done, results = len(selected) * len(args.seeds), 0, []
+    for name, overrides, paper in selected:
+        runs = []
         for seed in args.seeds:
-            config = TrainConfig(dataset="mnist", data_dir=args.data_dir, epochs=args.epochs, lr=args.lr,
-                                 batch_size=args.batch_size, norm=args.norm, compound=args.compound, seed=seed,
-                                 limit_train=args.limit_train, limit_test=args.limit_test, device=args.device,
-                                 quiet=args.quiet, **overrides)
-            try:
-                record = train(config)
-            except FloatingPointError as e:  # the paper reports such runs as "did not converge"
-                per_seed.append({"seed": seed, "diverged": str(e)})
+            done += 1
+            step = f"[{done}/{total}] {name}, seed {seed}"
+            if (name, seed) in args.finished:
+                runs.append(args.finished[name, seed])
+                print(f"{step}: in {args.out_dir}/mnist_results.json, skipped", file=sys.stderr, flush=True)
                 continue
-            lam = record["config"]["lam"]
-            per_seed.append({v: record["metrics"][v]["accuracy"] for v in VARIANTS}
-                            | {"seed": seed, "annotations": record["annotations"],
-                               "time_s": record["timing"]["total_s"]})
-        converged = [s for s in per_seed if "diverged" not in s]
-        ours = {v: summarise([s[v] for s in converged]) if converged else (math.nan, math.nan) for v in VARIANTS}
-        results.append({"row": name, "overrides": overrides, "lam": lam, "ours": ours, "paper": paper,
-                        "runs": per_seed, "diverged": len(per_seed) - len(converged),
-                        "time_s": (time.perf_counter() - start) / len(args.seeds)})
+            print(f"{step}: training", file=sys.stderr, flush=True)
+            runs.append(train_seed(name, overrides, seed, args))
+            write(results + [row_record(name, overrides, paper, runs)], args)
+            outcome = runs[-1].get("diverged") or " ".join(f"{v} {runs[-1][v]:.3f}" for v in VARIANTS)
+            print(f"{step}: {outcome} ({runs[-1]['time_s']:.1f} s)", file=sys.stderr, flush=True)
+        results.append(row_record(name, overrides, paper, runs))
+        ours, row = results[-1]["ours"], results[-1]
         print(f"{name:<24} " + "  ".join(f"{v} {m:.3f} ({s:.3f})" for v, (m, s) in ours.items())
               + (" paper: " + " ".join(f"{m:.3f}" for m, _ in paper) if paper else "")
-              + (f" ({results[-1]['diverged']} seeds diverged)" if results[-1]["diverged"] else ""), flush=True)
-    table = markdown(results, args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_json({"args": vars(args), "results": results}, out_dir / "mnist_results.json")
-    (out_dir / "mnist_results.md").write_text(table)
+              + (f" ({row['diverged']} seeds diverged)" if row["diverged"] else ""), flush=True)
+    table = write(results, args)
     print(table)
-    print(f"wrote {out_dir / 'mnist_results.json'} and {out_dir / 'mnist_results.md'}", file=sys.stderr)
+    print(f"wrote {args.out_dir}/mnist_results.json and mnist_results.md", file=sys.stderr)
     return 0
 
 

@@ -22,7 +22,6 @@ num_warps is a drop-in option if benchmarks show a gain.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,17 +29,12 @@ import torch
 import triton
 
 from kernels.tap_kernels import downscale_kernel, scaled_sum_kernel, tap_backward_kernel, tap_forward_kernel
-from tap_fast.tap import NORMS
+from tap_fast.tap import NORMS, interpreter_enabled
 
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE_ELEMENTS = 4096
 SUM_BLOCK = 4096
 MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits on a launch grid's axes 0, 1, 2
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1/true/on, as Triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
 def check_launchable(t: torch.Tensor, name: str) -> None:

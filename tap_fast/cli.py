@@ -77,16 +77,19 @@ def _fraction(text: str) -> float:
     return _float_in(text, "in (0, 1)", low=0.0, high=1.0, high_inclusive=False)
 
 
-def _tau(text: str) -> float:
+def tau_value(text: str) -> float:
     """Eq. 14's threshold on saliency normalised to a per-image maximum of 1: (0, 1], as check_config."""
     return _float_in(text, "in (0, 1] (eq. 14's saliency threshold)", low=0.0, high=1.0)
 
 
-def _seed_list(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
+    """argparse type of --seeds: distinct comma-separated integers (a repeated seed repeats a run)."""
     try:
         seeds = [int(t) for t in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct comma-separated integers, got {text!r}")
     return seeds
 
 
@@ -124,7 +127,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="TAP norm: l1 (eq. 8) or l2sq (squared, the released code)")
     p.add_argument("--lam", type=_non_negative_float,
                    help="lambda of eq. 3 (default: tuned value for method, norm, arch and data set)")
-    p.add_argument("--tau", type=_tau, default=0.01, help="teacher threshold of eq. 14")
+    p.add_argument("--tau", type=tau_value, default=0.01, help="teacher threshold of eq. 14")
     p.add_argument("--teacher-fraction", type=_fraction, default=0.1,
                    help="share of train held out clean for the teacher (paper: 0.1 or 0.01)")
     p.add_argument("--teacher-epochs", type=positive_int, help="teacher's epochs (default: --epochs)")
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="Figure 8: teacher annotation precision/recall against ground truth")
     _add_data_args(p)
     p.add_argument("--teacher-fraction", type=_fraction, default=0.1)
-    p.add_argument("--tau", type=_tau, nargs="+", default=list(TAUS), help="thresholds of eq. 14")
+    p.add_argument("--tau", type=tau_value, nargs="+", default=list(TAUS), help="thresholds of eq. 14")
     p.add_argument("--epochs", type=positive_int, default=50, help="teacher's epochs")
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--batch-size", type=positive_int)
@@ -173,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="No XS vs TAP on the embedded digits: the shortcut and its removal")
     p.add_argument("--quick", action="store_true", help="a few-second smoke run (too short to show the effect)")
     p.add_argument("--epochs", type=positive_int, help=f"epochs per model (default {DEMO['epochs']})")
-    p.add_argument("--seeds", type=_seed_list, default=[0, 1],
+    p.add_argument("--seeds", type=seed_list, default=[0, 1],
                    help="comma-separated seeds to average over (default: 0,1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")

@@ -28,7 +28,7 @@ import torch
 
 from tap_fast.contamination import KINDS, VARIANTS, signal_placement
 from tap_fast.datasets import list_folder, stratified_take
-from tap_fast.feeds import check_normalisation, check_sharding, epoch_order, normalise
+from tap_fast.feeds import check_normalisation, check_sharding, contaminate_and_normalise, epoch_order
 
 BACKENDS = ("auto", "dali", "torchvision")
 FOLDER_DATASETS = ("pneu", "knee")
@@ -154,9 +154,10 @@ def dali_available() -> bool:
 
 
 def _dali_pipeline(files: Sequence[Path], *, batch_size: int, num_threads: int, device_id: int | None,
-                   rank: int, world_size: int, shuffle: bool, seed: int):
+                   rank: int, world_size: int, shuffle: bool, seed: int, decode: bool = True):
     """DALI: read (sharded; one global reshuffle per epoch, the same on every shard), decode, Pillow-exact
-    greyscale, pad to the batch's largest image. Outputs (padded images, (h, w) sizes, file index)."""
+    greyscale, pad to the batch's largest image. Outputs (padded images, (h, w) sizes, file index), or only
+    the file index without ``decode`` (the reader's order alone, which depends on neither seed nor device)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
@@ -164,6 +165,8 @@ def _dali_pipeline(files: Sequence[Path], *, batch_size: int, num_threads: int, 
         encoded, index = fn.readers.file(
             files=[str(f) for f in files], labels=list(range(len(files))), shard_id=rank, num_shards=world_size,
             random_shuffle=False, shuffle_after_epoch=shuffle, pad_last_batch=True, name="reader")
+        if not decode:
+            return index
         # Pillow's Image.open ignores EXIF orientation; (h, w) is read on the CPU from the file header
         size = fn.peek_image_shape(encoded, adjust_orientation=False)[0:2]
         rgb = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB,
@@ -187,10 +190,27 @@ def _dali_to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 
 def _read(path: Path, decode: bool) -> torch.Tensor:
-    """A file's bytes, or its Pillow-exact greyscale (H, W) uint8 decode on the CPU."""
+    """A file's bytes, or its Pillow-exact greyscale (H, W) uint8 decode on the CPU (ValueError naming
+    the file, as :func:`tap_fast.datasets.load_dataset`'s, when it cannot be decoded)."""
     from torchvision.io import ImageReadMode, decode_image
     data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    return pil_grey(decode_image(data, mode=ImageReadMode.RGB)) if decode else data
+    if not decode:
+        return data
+    try:
+        return pil_grey(decode_image(data, mode=ImageReadMode.RGB))
+    except RuntimeError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _undecodable(files: Sequence[Path], error: Exception) -> ValueError:
+    """The error for a batch of ``files`` that failed to decode together (in DALI or nvJPEG): decoding them
+    one by one on the CPU names the first unreadable file, else the error names the whole batch."""
+    for path in dict.fromkeys(files):  # a padded batch repeats files
+        try:
+            _read(path, decode=True)
+        except ValueError as e:
+            return e
+    return ValueError(f"cannot read the images of the batch {[str(f) for f in dict.fromkeys(files)]}: {error}")
 
 
 class FolderFeed:
@@ -207,15 +227,16 @@ class FolderFeed:
         num_threads: DALI CPU threads, or torchvision's file-reading / decoding threads.
 
     Iterating reads the epoch set by :meth:`set_epoch` (then the next one) and gives x float32
-    (B, 1, S, S) normalised, y int64 (B,) and mask float32 (B, 1, S, S). Rank r of world_size reads a
-    disjoint share of the epoch: DALI's shard r of its epoch-reshuffled list (shard sizes differ by at most
-    one; every rank yields floor(N // world_size / B) batches with drop_last), or with torchvision
-    :func:`tap_fast.feeds.epoch_order`'s share. The two backends shuffle differently.
+    (B, 1, S, S) normalised (uint8 when mean and std are None), y int64 (B,) and mask float32 (B, 1, S, S).
+    Rank r of world_size reads a disjoint share of the epoch: DALI's shard r of its epoch-reshuffled list
+    (shard sizes differ by at most one; every rank yields floor(N // world_size / B) batches with
+    drop_last), or with torchvision :func:`tap_fast.feeds.epoch_order`'s share. The two backends shuffle
+    differently.
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], labels: torch.Tensor, *, kind: str | None,
-                 num_classes: int, variant: str = "contaminated", batch_size: int, mean: float, std: float,
-                 seed: int = 0, image_size: int = 224, device_id: int | None = None, rank: int = 0,
+                 num_classes: int, variant: str = "contaminated", batch_size: int, mean: float | None,
+                 std: float | None, seed: int = 0, image_size: int = 224, device_id: int | None = None, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
                  tags: Sequence[str] | None = None, backend: str = "auto", num_threads: int = 4) -> None:
         self.files = [Path(f) for f in files]
@@ -265,7 +286,7 @@ class FolderFeed:
         # batches as the largest, so each reader epoch is ceil(ceil(n / w) / B) batches on every rank.
         self._shard = n * (rank + 1) // world_size - n * rank // world_size
         self._reader_batches = _ceil_div(_ceil_div(n, world_size), batch_size)
-        self._pending, self._threads, self._pipe = 0, num_threads, None
+        self._pending, self._runs, self._threads, self._pipe = 0, 0, num_threads, None
         if backend == "dali":
             self._pipe = _dali_pipeline(self.files, batch_size=batch_size, num_threads=num_threads,
                                         device_id=device_id, rank=rank, world_size=world_size, shuffle=shuffle,
@@ -295,24 +316,36 @@ class FolderFeed:
         for index, images, sizes in batches:
             index = index.to(self.device)
             x = centre_square_resize(images, sizes, self.image_size)
-            if self.placement is None:
-                mask = torch.zeros_like(x, dtype=torch.float32)
-            else:
-                x, mask = self.placement.apply(x, index)
-                mask = mask.float()
-            yield index, normalise(x, self.mean, self.std), self.labels[index], mask
+            x, mask = contaminate_and_normalise(x, index, self.placement, self.mean, self.std)
+            yield index, x, self.labels[index], mask
 
     def _dali_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for _ in range(self._pending):  # finish an epoch left part-read, to start at an epoch boundary
-            self._pipe.run()
+            self._run_dali()
         self._pending = self._reader_batches
         cpu = torch.device("cpu")
         for b in range(len(self)):
             self._pending -= 1
-            images, sizes, index = self._pipe.run()
+            images, sizes, index = self._run_dali()
             real = min(self.batch_size, self._shard - b * self.batch_size)  # the rest is padding
             yield (_dali_to_torch(index, cpu)[:real, 0].long(), _dali_to_torch(images, self.device)[:real],
                    _dali_to_torch(sizes, cpu)[:real])
+
+    def _run_dali(self):
+        """The pipeline's next batch. When it fails (DALI names no file), a reader-only pipeline replays the
+        reader's order up to the failed batch, whose files are then decoded one by one on the CPU."""
+        try:
+            out = self._pipe.run()
+        except RuntimeError as e:
+            replay = _dali_pipeline(self.files, batch_size=self.batch_size, num_threads=1, device_id=None,
+                                    rank=self.rank, world_size=self.world_size, shuffle=self.shuffle, seed=0,
+                                    decode=False)
+            for _ in range(self._runs):
+                replay.run()
+            index = replay.run()[0].as_array().ravel().tolist()
+            raise _undecodable([self.files[i] for i in index], e) from e
+        self._runs += 1
+        return out
 
     def _torchvision_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.files), epoch=epoch, seed=self.seed, shuffle=self.shuffle,
@@ -342,7 +375,10 @@ class FolderFeed:
             # nvJPEG may write its outputs before work already queued on this stream has run, into blocks the
             # caching allocator recycled from that work (pytorch/vision#9606): let the queue drain first.
             torch.cuda.current_stream(self.device).synchronize()
-        rgb = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else [])
+        try:
+            rgb = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else [])
+        except RuntimeError as e:
+            raise _undecodable([self.files[i] for i, j in zip(index.tolist(), is_jpeg) if j], e) from e
         return [pil_grey(next(rgb)) if j else im.to(self.device, non_blocking=True) for im, j in zip(loaded, is_jpeg)]
 
 

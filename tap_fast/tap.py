@@ -1,6 +1,7 @@
 """The Targeted Activation Penalty (eq. 6-8) with a plain-PyTorch reference and backend dispatch."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -99,3 +100,9 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1/true/on, as Triton reads it).
+    Here, not in kernels/, so that asking does not define the kernels (Triton reads the variable then)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

@@ -31,7 +31,7 @@ from tap_fast.evaluation import evaluate_variants, shortcut_drop
 from tap_fast.feeds import epoch_order
 from tap_fast.masks import check_kernel_size, check_mask_values
 from tap_fast.models import ARCHS, build_model, tap_points
-from tap_fast.tap import NORMS, triton_available
+from tap_fast.tap import NORMS, interpreter_enabled, triton_available
 from tap_fast.taps import TappedModel
 from tap_fast.train_step import BACKENDS as STEP_BACKENDS
 from tap_fast.train_step import METHODS
@@ -223,8 +223,6 @@ def _check_tap_backend(config: TrainConfig) -> None:
     if not triton_available():
         raise ValueError(f"tap_backend {backend!r} needs the triton package, which is not installed; use "
                          "tap_backend 'auto' or 'torch'")
-    from kernels.tap_launch import interpreter_enabled
-
     device = resolve_device(config.device)
     if device.type != "cuda" and not interpreter_enabled():
         raise ValueError(f"tap_backend {backend!r} runs Triton kernels, which need a CUDA device (device is "

@@ -242,3 +242,70 @@ def test_folder_split_bad_inputs(knee):
         folder_split("mnist", knee, "train")
     with pytest.raises(ValueError, match="split must be"):
         folder_split("knee", knee, "holdout")
+
+
+def corrupt_knee(root, how, which=2):
+    """A KNEE layout whose training image ``which`` is truncated (PNG), garbage, or a GIF named .png (which
+    torchvision and Pillow decode and DALI does not); returns that file."""
+    write_layout(root, {"train": 2, "val": 1, "test": 1}, [str(c) for c in range(5)], ".png")
+    bad = sorted((root / "train").rglob("*.png"))[which]
+    if how == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    elif how == "garbage":
+        bad = bad.rename(bad.with_suffix(".jpeg"))
+        bad.write_bytes(b"not an image " * 50)
+    else:
+        Image.fromarray(picture(40, 30, 0, 3)).save(bad, format="GIF")
+    return bad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_corrupt_image_is_named(backend, how, tmp_path):
+    bad = corrupt_knee(tmp_path, how)
+    with pytest.raises(ValueError, match="cannot read image ") as reference:
+        load_dataset("knee", tmp_path)
+    files, labels = folder_split("knee", tmp_path, "train")
+    feed = make_feed(files, labels, backend)
+    with pytest.raises(ValueError) as error:
+        list(feed)
+    assert str(error.value).startswith(f"cannot read image {bad}: ")  # the reference loader's wording
+    assert str(reference.value).startswith(f"cannot read image {bad}: ")
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_dali_corrupt_image_named_on_every_shard(rank, tmp_path):
+    """The replayed reader finds the failed batch in a later epoch of a shard, also in the remainder that
+    drop_last skips and the next epoch reads first (rank 0: file 4 is the remainder of its first epoch)."""
+    bad = corrupt_knee(tmp_path, "truncated", which=4)
+    files, labels = folder_split("knee", tmp_path, "train")
+    assert files[4] == bad
+    feed = make_feed(files, labels, "dali", batch_size=4, rank=rank, world_size=2)
+    with pytest.raises(ValueError, match=f"cannot read image {bad}: "):
+        for _ in range(10):  # the file is in this shard's share of some epoch
+            list(feed)
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+def test_dali_names_batch_when_cpu_decodes_it(tmp_path):
+    bad = corrupt_knee(tmp_path, "gif")
+    files, labels = folder_split("knee", tmp_path, "train")
+    feed = make_feed(files, labels, "dali", batch_size=3, shuffle=False)
+    seen = []
+    with pytest.raises(ValueError, match="cannot read the images of the batch") as error:
+        for idx, *_ in feed.indexed():
+            seen += idx.tolist()
+    named = [f for f in files if f"'{f}'" in str(error.value)]
+    assert bad in named and len(named) == 3 and not {files.index(f) for f in named} & set(seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_corrupt_jpeg_is_named(backend, tmp_path):
+    """A batch that fails in DALI's mixed decoder or nvJPEG: the CPU decodes name the file."""
+    bad = corrupt_knee(tmp_path, "garbage")
+    files, labels = folder_split("knee", tmp_path, "train")
+    with pytest.raises(ValueError, match=f"cannot read image {bad}: "):
+        list(make_feed(files, labels, backend, device_id=0))
