@@ -58,8 +58,10 @@ GROUND_TRUTH_ROWS = {"base": ("Base", {"method": "none", "clean_train": True}), 
                      "rrr": ("RRR", {"method": "rrr"}), "rbr": ("RBR", {"method": "rbr"}),
                      "tap": ("TAP", {"method": "tap"})}
 ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher")
-# Arguments that change what a run computes: a resumed run must have the same.
-RUN_ARGS = ("data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test")
+# Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
+# current selection): a resumed run must have the same.
+RUN_ARGS = ("data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test", "rows",
+            "seeds", "taus")
 
 
 def rows(selected: list[str], taus: list[float]) -> list[tuple[str, dict, tuple | None]]:

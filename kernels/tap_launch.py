@@ -130,15 +130,20 @@ def _check_map(m: torch.Tensor, z: torch.Tensor, name: str, at_least: bool = Fal
     return m.contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _max_bin(n: int, n_out: int) -> int:
+    """The largest adaptive-average-pool bin, n inputs into n_out outputs (bins floor(i n / n_out) ..
+    ceil((i+1) n / n_out)); cached: every eager forward asks for every layer."""
+    return max(-(-(i + 1) * n // n_out) - i * n // n_out for i in range(n_out))
+
+
 def _bin_plan(src: torch.Tensor, ho: int, wo: int) -> dict:
     """``bin_mean``'s bin bounds and mean mode for average-pooling src (B, H, W) to (ho, wo)."""
     b, h, w = src.shape
     # torch's adaptive_avg_pool2d computes a 1 x 1 output with mean(): sum / count on the CPU, sum times
     # fp32(outputs) / fp32(inputs) on CUDA (see bin_mean)
-    return dict(max_bin_h=max(-(-(i + 1) * h // ho) - i * h // ho for i in range(ho)),
-                mean_factor=float(np.float32(b) / np.float32(b * h * w)),
-                BIN_W=max(-(-(j + 1) * w // wo) - j * w // wo for j in range(wo)),
-                MEAN_MODE=0 if (ho, wo) != (1, 1) else 2 if src.device.type == "cuda" else 1)
+    return dict(max_bin_h=_max_bin(h, ho), mean_factor=float(np.float32(b) / np.float32(b * h * w)),
+                BIN_W=_max_bin(w, wo), MEAN_MODE=0 if (ho, wo) != (1, 1) else 2 if src.device.type == "cuda" else 1)
 
 
 def downscale(src: torch.Tensor, size: Sequence[int], kernel_size: int) -> torch.Tensor:

@@ -101,8 +101,12 @@ def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], ke
 def fused_pooled_mask(mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     """MaxPool_k_s1(M) of eq. 7 at input resolution, (B, H, W), in ``fused_downscale_masks``' dtype: the map
     that the forward kernels of ``fused_tap_penalty`` and ``tap_identity`` average-pool into each layer's
-    D(M, l) on the fly. One launch, shared by all layers (a compound step to the mask's own size)."""
+    D(M, l) on the fly. One launch, shared by all layers (a compound step to the mask's own size); for
+    kernel_size 1, the mask itself in that dtype."""
     mask = as_mask_batch(mask)
+    check_kernel_size(kernel_size)
+    if kernel_size == 1:
+        return mask[:, 0].detach().to(tap_launch.mask_map_dtype(mask.dtype))
     (pooled,) = fused_downscale_masks(mask, [mask.shape[-2:]], kernel_size, compound=True)
     return pooled
 

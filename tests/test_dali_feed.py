@@ -60,8 +60,9 @@ def pneu(tmp_path_factory):
 
 
 def make_feed(files, labels, backend, **kw):
-    kw = {"kind": None, "num_classes": 5, "batch_size": 3, "seed": 3, "num_threads": 2, **kw}
-    return FolderFeed(files, labels, mean=MEAN, std=STD, backend=backend, **kw)
+    kw = {"kind": None, "num_classes": 5, "batch_size": 3, "seed": 3, "num_threads": 2, "mean": MEAN, "std": STD,
+          **kw}
+    return FolderFeed(files, labels, backend=backend, **kw)
 
 
 def grey_levels(x):
@@ -309,3 +310,17 @@ def test_gpu_corrupt_jpeg_is_named(backend, tmp_path):
     files, labels = folder_split("knee", tmp_path, "train")
     with pytest.raises(ValueError, match=f"cannot read image {bad}: "):
         list(make_feed(files, labels, backend, device_id=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_batches_without_normalisation(backend, knee):
+    """mean = std = None: the contaminated uint8 batches (what make_step takes), equal to the reference."""
+    ref = load_dataset("knee", knee).train
+    ref_x, ref_m = contaminate(ref.images, ref.labels, "tag", 5, seed=7)
+    files, labels = folder_split("knee", knee, "train")
+    feed = make_feed(files, labels, backend, kind="tag", seed=7, batch_size=4, mean=None, std=None)
+    seen = 0
+    for idx, x, y, m in feed.indexed():
+        assert x.dtype == torch.uint8 and torch.equal(x, ref_x[idx]) and torch.equal(m, ref_m[idx].float())
+        seen += len(idx)
+    assert seen == 8 and ref_m.any()

@@ -180,6 +180,36 @@ def test_forward_builds_d_bit_identical(device, kind, kernel_size):
         torch.testing.assert_close(wmap, 2 * ref.square() * torch.relu(z).sum(1), rtol=1e-5, atol=1e-6)
 
 
+MASK_DTYPES = [pytest.param("cpu", torch.float16, marks=ON_CPU, id="cpu-fp16"),
+               pytest.param("cpu", torch.bool, marks=ON_CPU, id="cpu-bool"),
+               pytest.param("cuda", torch.float16, marks=ON_CUDA, id="cuda-fp16"),
+               pytest.param("cuda", torch.bfloat16, marks=ON_CUDA, id="cuda-bf16"),
+               pytest.param("cuda", torch.bool, marks=ON_CUDA, id="cuda-bool")]
+
+
+@pytest.mark.parametrize("device,mask_dtype", MASK_DTYPES)
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_mask_dtypes(device, mask_dtype, kernel_size):
+    """Half-precision soft masks keep their dtype in D, rounded once as the reference stores D (bf16 on CUDA
+    only: Triton's interpreter truncates fp32 -> bf16 casts); bool masks give fp32 D. The forward's D maps
+    (the "l1" backward weights) are bit-identical to the reference's, the penalty and gradients match it
+    (fp32 Z: rtol 1e-5), and the custom op's fake kernel promises these dtypes (opcheck)."""
+    b, h, w = 2, 19, 15
+    sizes = [(19, 15), (9, 7), (4, 3)]
+    soft = torch.rand(b, 1, h, w, device=device)
+    mask = (soft < 0.3) if mask_dtype == torch.bool else soft.to(mask_dtype)
+    map_dtype = torch.float32 if mask_dtype == torch.bool else mask_dtype
+    zs = _activations(b, [(3, *size) for size in sizes], device, torch.float32, channels_last=False)
+    pooled = fused_pooled_mask(mask, kernel_size)
+    assert pooled.dtype == map_dtype and torch.equal(pooled, downscale_mask(mask, (h, w), kernel_size))
+    _, d_maps = tap_launch.tap_forward([z.detach() for z in zs], [pooled] * len(zs), "l1")
+    for d, ref in zip(d_maps, downscale_masks(mask, sizes, kernel_size)):
+        assert d.dtype == ref.dtype == map_dtype and torch.equal(d, ref)
+    for norm in ("l1", "l2sq"):  # "l2sq"'s gradient, 2 D^2 A per pixel, shows an unrounded D elementwise
+        _check_against_reference(zs, mask, kernel_size=kernel_size, norm=norm)
+        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, ([z.detach() for z in zs], [pooled] * 3, norm))
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("norm", ["l1", "l2sq"])
 @pytest.mark.parametrize("source", ["pooled", "d_map"])

@@ -63,11 +63,16 @@ def test_interrupted_run_resumes_without_redoing_finished_pairs(mnist_dir, tmp_p
     assert final["results"][1]["lam"] > 0 and "of 2 seeds" not in (tmp_path / "mnist_results.md").read_text()
 
 
-def test_resume_refuses_other_settings(mnist_dir, tmp_path, capsys):
+@pytest.mark.parametrize("other", [["--epochs", "5"], ["--rows", "base"], ["--seeds", "0"]])
+def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
+    """A resume with other settings, or another selection of rows or seeds (whose records the rewritten JSON
+    would drop), exits 2 before training."""
+    saved = reproduce.parse_args(tiny(mnist_dir, tmp_path))
     (tmp_path / "mnist_results.json").write_text(json.dumps(
-        {"args": {"data_dir": str(mnist_dir), "epochs": 5}, "results": []}))
+        {"args": {k: getattr(saved, k) for k in reproduce.RUN_ARGS}, "results": []}))
+    assert reproduce.finished_runs(None, reproduce.parse_args(tiny(mnist_dir, tmp_path, "--resume"))) == {}
     with pytest.raises(SystemExit) as exit_info:
-        reproduce.main(tiny(mnist_dir, tmp_path, "--resume"))
+        reproduce.main(tiny(mnist_dir, tmp_path, "--resume", *other))
     assert exit_info.value.code == 2
     assert "argument --resume: " in capsys.readouterr().err
 

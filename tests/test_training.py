@@ -209,15 +209,6 @@ def test_check_config_names_the_bad_field(changes, match):
         check_config(dataclasses.replace(TrainConfig(), **changes))
 
 
-def test_check_config_checks_kernel_size_with_the_masks_helper(monkeypatch):
-    """kernel_size is checked by masks.check_kernel_size (eq. 7's window), the check the TAP API uses."""
-    import tap_fast.training as training
-    seen = []
-    monkeypatch.setattr(training, "check_kernel_size", seen.append)
-    check_config(TrainConfig(kernel_size=5))
-    assert seen == [5]
-
-
 @pytest.mark.parametrize("tau,ok", [(0.01, True), (1.0, True), (1e-9, True), (0.0, False), (1.0001, False),
                                     (float("nan"), False)])
 def test_tau_range_is_eq14s_threshold_range(tau, ok):
