@@ -288,8 +288,9 @@ def main(argv=None):
     for line in [f"# TAP kernels: {name}, torch {torch.__version__}, triton {triton.__version__}", "",
                  f"norm={args.norm}, channels_last={args.channels_last}; measured copy bandwidth {copy_gbs:.0f} GB/s "
                  "(read + write). Floors: fwd = bytes of Z, bwd = 2 x bytes of Z (read Z, write grad_Z), "
-                 "fwd+bwd = 3 x bytes of Z. Every forward includes building the D maps from the mask (fused: the mask's "
-                 "max-pool, timed alone in the last column, then D on the fly in each layer's kernel).", ""]:
+                 "fwd+bwd = 3 x bytes of Z. Every forward includes building the D maps from the mask (fused: "
+                 "the mask's max-pool, timed alone in the last column, then D on the fly in each layer's kernel).",
+                 ""]:
         emit(line)
     kernel_table(models, batches, dtypes, args.norm, device, args.impls, copy_gbs, args.channels_last,
                  skip=set(args.skip), emit=emit)
