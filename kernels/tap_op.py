@@ -153,7 +153,10 @@ def tap_identity(z: torch.Tensor, source: torch.Tensor, *, norm: str = "l1") -> 
 
     Use the returned Z downstream (e.g. from a forward hook) and add penalty / L to the loss. In backward,
     grad_Z = grad(Z out) + g * W * 1[Z > 0] / B is written in one pass that reads grad(Z out) and Z
-    (3 Z-sized transfers instead of 5 for a separate gradient that autograd then adds).
+    (3 Z-sized transfers instead of 5 for a separate gradient that autograd then adds). It is written to a
+    new buffer, not into grad(Z out) in place: autograd may hand the same gradient tensor to other nodes
+    (both inputs of an add, as in a ResNet's residual connections) or an expanded (stride-0) one, and
+    writing into it would corrupt their gradients.
 
     Args:
         z: (B, C, H_l, W_l) activation, any float dtype, on CUDA (or CPU with TRITON_INTERPRET=1).
