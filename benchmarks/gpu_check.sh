@@ -113,7 +113,8 @@ step feeds 45 "$PY" benchmarks/bench_feeds.py --out "$TMP/feeds_1.md"
 step tests_engine 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compiled_engine.py tests/test_feeds.py \
     tests/test_dali_feed.py tests/test_training.py -m gpu
 # 5. With the time left: the identity form of the fused op (TAP inside the forward) beside the separate one,
-#    the other kernel shapes, l2sq, channels_last, compiled steps, the other largest batches.
+#    the other kernel shapes, l2sq, channels_last, compiled steps, the other largest batches (RRR and RBR
+#    each at their own), the pytest-benchmark kernel cases.
 step steps_identity 60 "${ST[@]}" --configs resnet18@224:16 cnn2@28:256 --rows none,tap,tap-id --dtypes fp32,bf16 \
     --out "$TMP/steps_6"
 step kernels_rest 100 "${KT[@]}" --models cnn2 resnet18 vgg16 densenet121 --batches 16 128 --memory-batch 0 \
@@ -127,6 +128,8 @@ step steps_b16_compiled 60 "${ST[@]}" --configs resnet18@224:16 --rows none,tap 
     --out "$TMP/steps_4"
 step steps_max_rest 60 "${ST[@]}" --configs vgg16@224:max densenet121@224:max --dtypes bf16,fp32 \
     --channels-last --out "$TMP/steps_5"
+step steps_max_baselines 60 "${ST[@]}" --configs resnet18@224:max --dtypes bf16 --channels-last \
+    --max-rows tap,rrr,rbr --out "$TMP/steps_7"
 step bench_kernels 60 "${PYTEST[@]}" benchmarks/bench_kernels.py -k "resnet18-128 and bf16" \
     --benchmark-columns=min,median,rounds --benchmark-json="$TMP/bench_kernels.json"
 # 6. DALI, when it was carried (benchmarks/dali_wheels.sh; PYTHONPATH=/tmp/site): its tests, CPU ones included,

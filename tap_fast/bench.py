@@ -56,6 +56,7 @@ MNIST_MEAN_STD = (0.1307, 0.3081)  # section 5 / released code
 MNIST_BATCH = 256  # section 5.3
 DATA_SETS = 4  # distinct batches the timed steps rotate over
 MAX_BATCH_START = 16  # the first batch largest_batch tries ('max' configs)
+OWN_LARGEST_BATCH = ("rrr", "rbr")  # rows that run at their own largest batch, not TAP's
 
 
 @dataclass(frozen=True)
@@ -223,12 +224,13 @@ def measure_interleaved(config: Config, batch: int, rows: list[str], dtype: str,
 
 
 def largest_batch(config: Config, device: torch.device, *, dtype: str, channels_last: bool,
-                  start: int = MAX_BATCH_START, limit: int = 1024) -> int:
-    """Largest power-of-two batch (from ``start`` up to ``limit``) at which one TAP step fits in memory."""
+                  start: int = MAX_BATCH_START, limit: int = 1024, row: str = "tap") -> int:
+    """Largest power-of-two batch (from ``start`` up to ``limit``) at which one step of ``row`` fits in
+    memory (0 if none does)."""
     best, batch = 0, start
     while batch <= limit:
         try:
-            step = build_step(config, "tap", device, amp_dtype=DTYPES[dtype], channels_last=channels_last)
+            step = build_step(config, row, device, amp_dtype=DTYPES[dtype], channels_last=channels_last)
             step(*make_data(config, batch, device, sets=1)[0])
             _sync(device)
             best = batch
@@ -239,6 +241,19 @@ def largest_batch(config: Config, device: torch.device, *, dtype: str, channels_
             _free(device)
         batch *= 2
     return best
+
+
+def row_groups(config: Config, rows: list[str], max_rows: list[str]) -> list[tuple[str | None, list[str]]]:
+    """(row whose largest batch to search for, or None for the config's own batch; rows to run at it).
+
+    A fixed batch runs ``rows`` together. At the largest batch ('max' configs), the rows of ``max_rows``
+    other than RRR and RBR run together at TAP's largest batch, so that their time and memory compare;
+    RRR and RBR, whose double backward needs more memory, each run at their own largest batch.
+    """
+    if config.batch != 0:
+        return [(None, rows)]
+    shared = [r for r in max_rows if r not in OWN_LARGEST_BATCH]
+    return [("tap", shared)] * bool(shared) + [(r, [r]) for r in max_rows if r in OWN_LARGEST_BATCH]
 
 
 def add_ratios(results: list[dict]) -> list[dict]:
@@ -366,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{' '.join(GPU_CONFIGS)}, on the CPU {' '.join(CPU_CONFIGS)}")
     p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default "
                                                 "none,tap,tap-ref,rrr,rbr on a GPU, none,tap,rrr,rbr on the CPU")
-    p.add_argument("--max-rows", default="none,tap,tap-ref", help="rows at the largest batch ('max' configs)")
+    p.add_argument("--max-rows", default="none,tap,tap-ref",
+                   help="rows at the largest batch ('max' configs): rrr and rbr each at their own largest batch, "
+                        "the others together at TAP's")
     p.add_argument("--max-limit", type=positive_int, default=1024,
                    help=f"largest batch tried for 'max' configs (at least {MAX_BATCH_START})")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated of fp32,bf16 (bf16 = autocast)")
@@ -455,29 +472,29 @@ def main(argv: list[str] | None = None) -> int:
             if over_budget():
                 print(f"skipped {config.name} {dtype}: time budget", file=sys.stderr)
                 continue
-            cfg_rows, batch = rows, config.batch
-            if batch == 0:
-                cfg_rows = args.max_rows.split(",")
-                try:
-                    batch = largest_batch(config, device, dtype=dtype, channels_last=args.channels_last,
-                                          limit=args.max_limit)
-                    status = "OOM at 16"
-                except Exception as e:  # a CUDA / cuDNN error at a large batch ends this config, not the table
-                    batch, status = 0, f"largest batch: {_status(e)}"
-                if batch == 0:
-                    results += [_result(config, 0, r, dtype, device, None, status=status) for r in cfg_rows]
-                    flush()
-                    continue
-            if gpu:
-                results += measure_gpu(config, batch, cfg_rows, dtype, device,
-                                       steps=args.max_steps if config.batch == 0 else args.steps,
-                                       warmup=args.warmup, compile=args.compile, cuda_graphs=graphs,
-                                       channels_last=args.channels_last)
-            else:
-                results += measure_interleaved(config, batch, cfg_rows, dtype, device, rounds=args.rounds,
-                                               warmup=args.warmup, compile=args.compile,
-                                               channels_last=args.channels_last)
-            flush()
+            for search, cfg_rows in row_groups(config, rows, args.max_rows.split(",")):
+                batch = config.batch
+                if search is not None:
+                    try:
+                        batch = largest_batch(config, device, dtype=dtype, channels_last=args.channels_last,
+                                              limit=args.max_limit, row=search)
+                        status = f"OOM at {MAX_BATCH_START}"
+                    except Exception as e:  # a CUDA / cuDNN error at a large batch ends this group, not the table
+                        batch, status = 0, f"largest batch: {_status(e)}"
+                    if batch == 0:
+                        results += [_result(config, 0, r, dtype, device, None, status=status) for r in cfg_rows]
+                        flush()
+                        continue
+                if gpu:
+                    results += measure_gpu(config, batch, cfg_rows, dtype, device,
+                                           steps=args.max_steps if config.batch == 0 else args.steps,
+                                           warmup=args.warmup, compile=args.compile, cuda_graphs=graphs,
+                                           channels_last=args.channels_last)
+                else:
+                    results += measure_interleaved(config, batch, cfg_rows, dtype, device, rounds=args.rounds,
+                                                   warmup=args.warmup, compile=args.compile,
+                                                   channels_last=args.channels_last)
+                flush()
             print(f"[{time.perf_counter() - start:.0f}s] {config.name} {dtype} done", file=sys.stderr)
     print(header)
     if configs:
