@@ -1,9 +1,19 @@
 """Fused Triton kernels for TAP (Liger-Kernel split).
 
 - ``kernels.tap_kernels``: the pure ``@triton.jit`` kernels;
-- ``kernels.tap_launch``: launch wrappers (block sizes, grids, strides) on real tensors;
-- ``kernels.tap_op``: ``torch.library`` custom ops with fake and autograd registrations, and the public
-  entry points ``fused_tap_penalty``, ``fused_pooled_mask``, ``fused_downscale_masks`` and ``tap_identity``.
+- ``kernels.tap_launch``: launch wrappers (block sizes, grids, strides, cached launch plans) on real tensors;
+- ``kernels.tap_op``: ``torch.library`` custom ops with fake and autograd registrations (used where
+  torch.compile traces), the eager autograd Functions, and the entry points ``fused_tap_penalty``,
+  ``fused_downscale_masks``, ``MaskSource``, ``tap_layer`` and ``tap_identity``.
 
-Importing this package does not import Triton; the submodules do.
+Imports run one way: nothing here imports ``tap_fast``. Importing this package does not import Triton (the
+submodules do), so ``tap_fast`` can ask :func:`interpreter_enabled` without defining the kernels.
 """
+import os
+
+NORMS = ("l1", "l2sq")
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1/true/on, as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

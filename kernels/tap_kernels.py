@@ -2,34 +2,36 @@
 
 Activations Z (B, C, H, W) are addressed as (sample b, channel c, pixel p = h * W + w) with three strides,
 which covers both contiguous (stride_p = 1) and channels_last (stride_c = 1) tensors; Triton specialises
-a stride equal to 1, so either layout gets contiguous, vectorised loads. Per-pixel maps (D, the backward
-weights) are contiguous (B, H, W). All arithmetic is in fp32 whatever the storage dtype.
+a stride equal to 1, so either layout gets contiguous, vectorised loads. Per-pixel maps (masks, D, bin
+sums, the backward weights) are contiguous (B, H, W). All arithmetic is in fp32 whatever the storage dtype.
+Index maths is 32-bit inside a sample (a sample holds fewer than 2^31 elements); only the sample's base
+offset, program_id(1 or 2) times the batch stride, is 64-bit.
+
+D(M, l) of eq. 7 is one formula for every source: D = S / (bin height) / (bin width), where S is the sum,
+over the adaptive-average-pool bin of each output pixel, of the K x K stride-1 'same' max-pool of a source
+map, and the bin dimensions are those of the (MH, MW) input-resolution mask pooled to the layer's (H, W).
+The source is the mask itself (K = kappa), or the bin sums S of an earlier, finer layer whose bins nest in
+this layer's (K = 1: a sum of sums, exact for binary masks), or the layer's own D map (K = 1 and
+MH, MW = H, W: compound downscaling, bins and divisors of 1).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def bin_mean(src, i, j, valid, H, W, HO, WO, max_bin_h, mean_factor,
-             K: tl.constexpr, BIN_W: tl.constexpr, MEAN_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """fp32 D(M, l) of eq. 7 at outputs (i, j) of BLOCK lanes: the mean over the adaptive-average-pool bin
-    (rows floor(i H / HO) .. ceil((i+1) H / HO), likewise for columns) of the K x K, stride-1, 'same'
-    max-pool of the (H, W) map at ``src`` (a pointer, or one per lane).
+def bin_sum(src, i, j, valid, SH, SW, HO, WO, max_bin_h,
+            K: tl.constexpr, BIN_W: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 sum over the adaptive bin of outputs (i, j) (rows floor(i SH / HO) .. ceil((i+1) SH / HO),
+    likewise for columns) of the K x K, stride-1, 'same' max-pool of the (SH, SW) map at ``src``.
 
-    Bins are summed row by row in fp32 and divided by their height, then their width, with IEEE division,
-    exactly as torch's adaptive_avg_pool2d does (MEAN_MODE 0), so D is bit-identical to
-    ``tap_fast.masks.downscale_mask``. For a 1 x 1 output torch takes mean() instead, which divides the sum
-    by the count on the CPU (MEAN_MODE 1) and multiplies it by mean_factor = fp32(B) / fp32(B H W) on CUDA
-    (MEAN_MODE 2): so do we, bit-identical whenever the sum is exact (binary masks), within fp32 rounding
-    otherwise. K = 1 is a plain adaptive average pool (and HO, WO = H, W then returns src itself).
-    max_bin_h and BIN_W bound the bin height and width; a bin row is unrolled (BIN_W is constexpr) so its
-    loads are all in flight at once, while the sum itself stays sequential, as the bit-identical order
-    requires.
+    Summed row by row, left to right, in fp32, as torch's adaptive_avg_pool2d does, so binary masks and
+    any mask with K = 1 give torch's sums bit for bit. max_bin_h and BIN_W bound the bin height and width;
+    a bin row is unrolled (BIN_W is constexpr) so its loads are all in flight at once.
     """
-    h0 = (i * H) // HO
-    h1 = ((i + 1) * H + HO - 1) // HO
-    w0 = (j * W) // WO
-    w1 = ((j + 1) * W + WO - 1) // WO
+    h0 = (i * SH) // HO
+    h1 = ((i + 1) * SH + HO - 1) // HO
+    w0 = (j * SW) // WO
+    w1 = ((j + 1) * SW + WO - 1) // WO
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for dh in range(0, max_bin_h):
         r = h0 + dh
@@ -38,54 +40,68 @@ def bin_mean(src, i, j, valid, H, W, HO, WO, max_bin_h, mean_factor,
             c = w0 + dw
             inside = row_in & (c < w1)
             if K == 1:
-                pooled = tl.load(src + r * W + c, mask=inside, other=0.0).to(tl.float32)
+                pooled = tl.load(src + r * SW + c, mask=inside, other=0.0).to(tl.float32)
             else:
                 pooled = tl.full([BLOCK], float("-inf"), tl.float32)
                 for kh in tl.static_range(K):
                     rr = r + (kh - K // 2)
-                    row_ok = inside & (rr >= 0) & (rr < H)
+                    row_ok = inside & (rr >= 0) & (rr < SH)
                     for kw in tl.static_range(K):
                         cc = c + (kw - K // 2)
-                        v = tl.load(src + rr * W + cc, mask=row_ok & (cc >= 0) & (cc < W), other=float("-inf"))
+                        v = tl.load(src + rr * SW + cc, mask=row_ok & (cc >= 0) & (cc < SW), other=float("-inf"))
                         pooled = tl.maximum(pooled, v.to(tl.float32))
                 pooled = tl.where(inside, pooled, 0.0)
             total += pooled
-    # `/` would compile to the approximate div.full.f32 on NVIDIA GPUs; div_rn is IEEE round-to-nearest.
+    return total
+
+
+@triton.jit
+def bin_divide(total, i, j, MH, MW, HO, WO, mean_factor, MEAN_MODE: tl.constexpr):
+    """D = total / h / w for the bin (h x w) of output (i, j) when an (MH, MW) map is pooled to (HO, WO),
+    with IEEE division (``/`` would compile to the approximate div.full.f32 on NVIDIA GPUs), exactly as
+    torch's adaptive_avg_pool2d (MEAN_MODE 0). For a 1 x 1 output torch takes mean() instead, which divides
+    by the count on the CPU (MEAN_MODE 1) and multiplies by mean_factor = fp32(B) / fp32(B MH MW) on CUDA
+    (MEAN_MODE 2): so do we."""
+    h = ((i + 1) * MH + HO - 1) // HO - (i * MH) // HO
+    w = ((j + 1) * MW + WO - 1) // WO - (j * MW) // WO
     if MEAN_MODE == 0:
-        mean = tl.math.div_rn(tl.math.div_rn(total, (h1 - h0).to(tl.float32)), (w1 - w0).to(tl.float32))
+        mean = tl.math.div_rn(tl.math.div_rn(total, h.to(tl.float32)), w.to(tl.float32))
     elif MEAN_MODE == 1:
-        mean = tl.math.div_rn(total, ((h1 - h0) * (w1 - w0)).to(tl.float32))
+        mean = tl.math.div_rn(total, (h * w).to(tl.float32))
     else:
         mean = total * mean_factor
     return mean
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO", "max_bin_h"])  # gathers: divisibility is moot
-def downscale_kernel(src_ptr, out_ptr, N, H, W, HO, WO, max_bin_h, mean_factor,
+@triton.jit(do_not_specialize=["H", "W", "HO", "WO", "max_bin_h"])  # gathers: divisibility is moot
+def downscale_kernel(src_ptr, out_ptr, H, W, HO, WO, max_bin_h, mean_factor,
                      K: tl.constexpr, BIN_W: tl.constexpr, MEAN_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """D(M, l) of eq. 7 (``bin_mean``) for BLOCK of the N = B HO WO outputs: src (B, H, W) -> out (B, HO, WO).
-    HO, WO = H, W is a plain K x K max-pool."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    b = offs // (HO * WO)
-    mean = bin_mean(src_ptr + b * H * W, (offs // WO) % HO, offs % WO, valid, H, W, HO, WO, max_bin_h,
-                    mean_factor, K, BIN_W, MEAN_MODE, BLOCK)
-    tl.store(out_ptr + offs, mean.to(out_ptr.dtype.element_ty), mask=valid)
+    """D(M, l) of eq. 7 for BLOCK of the HO WO outputs of sample ``program_id(1)``: src (B, H, W) ->
+    out (B, HO, WO). HO, WO = H, W is a plain K x K max-pool."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < HO * WO
+    i, j = offs // WO, offs % WO
+    total = bin_sum(src_ptr + b * H * W, i, j, valid, H, W, HO, WO, max_bin_h, K, BIN_W, BLOCK)
+    mean = bin_divide(total, i, j, H, W, HO, WO, mean_factor, MEAN_MODE)
+    tl.store(out_ptr + b * HO * WO + offs, mean.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit(do_not_specialize=["H", "W", "SH", "SW", "max_bin_h"])
-def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, C, HW, H, W, SH, SW, max_bin_h, mean_factor,
-                       stride_zb, stride_zc, stride_zp, L2SQ: tl.constexpr, MEAN_MODE: tl.constexpr,
-                       BIN_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+@triton.jit(do_not_specialize=["H", "W", "SH", "SW", "MH", "MW", "max_bin_h"])
+def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, sum_ptr, C, HW, H, W, SH, SW, MH, MW, max_bin_h,
+                       mean_factor, stride_zb, stride_zc, stride_zp, K: tl.constexpr, L2SQ: tl.constexpr,
+                       MEAN_MODE: tl.constexpr, BIN_W: tl.constexpr, D_DTYPE: tl.constexpr,
+                       WRITE_SUM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Partial TAP sums of one layer for BLOCK_P pixels of sample ``program_id(1)``, all C channels.
 
-    A = sum_c relu(Z_c) (eq. 6); D (eq. 7) is computed on the fly, as the adaptive average pool
-    (``bin_mean``) of the (SH, SW) source map to this layer's (H, W): the max-pooled input-resolution mask,
-    or the layer's own D map (1 x 1 bins: D itself). The program writes one fp32 partial, sum_p D * A
-    ("l1", eq. 8) or sum_p (D * A)^2 ("l2sq"), to partial_ptr[b * num_programs(0) + program_id(0)], and the
-    backward's per-pixel weight to w_ptr (B, H, W): D itself ("l1", rounded to the source's dtype as the
-    reference stores D) or d/dA (D A)^2 = 2 D^2 A ("l2sq"), so the backward needs neither the mask nor A.
-    Deterministic: a fixed loop order and tree sums, no atomics.
+    A = sum_c relu(Z_c) (eq. 6) and D (eq. 7) from the (SH, SW) source map (module docstring: the mask,
+    with the K x K max-pool done here, or a finer layer's bin sums, or the layer's D map). The program
+    writes one fp32 partial, sum_p D * A ("l1", eq. 8) or sum_p (D * A)^2 ("l2sq"), to
+    partial_ptr[b * num_programs(0) + program_id(0)]; the backward's per-pixel weight to w_ptr (B, H, W):
+    D itself ("l1", in w's dtype) or d/dA (D A)^2 = 2 D^2 A ("l2sq", fp32), so the backward needs neither
+    the mask nor A; and with WRITE_SUM the fp32 bin sums S to sum_ptr (B, H, W), from which a coarser
+    layer builds its D without reading the mask again. D is rounded to D_DTYPE ("fp32", "fp16" or "bf16":
+    the mask's) as the reference stores it. Deterministic: a fixed loop order and tree sums, no atomics.
     """
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -99,11 +115,17 @@ def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, C, HW, H, W, SH, SW, 
         z = tl.load(z_pix + offs_c[:, None] * stride_zc, mask=ok, other=0.0)
         acc += tl.maximum(z.to(tl.float32), 0.0)
     a = tl.sum(acc, axis=0)
-    d = bin_mean(src_ptr + b * SH * SW, offs_p // W, offs_p % W, p_ok, SH, SW, H, W, max_bin_h, mean_factor,
-                 1, BIN_W, MEAN_MODE, BLOCK_P)
-    d = d.to(src_ptr.dtype.element_ty).to(tl.float32)
-    x = d * a
+    i, j = offs_p // W, offs_p % W
+    s = bin_sum(src_ptr + b * SH * SW, i, j, p_ok, SH, SW, H, W, max_bin_h, K, BIN_W, BLOCK_P)
     pix = b * HW + offs_p
+    if WRITE_SUM:
+        tl.store(sum_ptr + pix, s, mask=p_ok)
+    d = bin_divide(s, i, j, MH, MW, H, W, mean_factor, MEAN_MODE)
+    if D_DTYPE == "bf16":
+        d = d.to(tl.bfloat16).to(tl.float32)
+    elif D_DTYPE == "fp16":
+        d = d.to(tl.float16).to(tl.float32)
+    x = d * a
     if L2SQ:
         tl.store(w_ptr + pix, 2.0 * d * x, mask=p_ok)
         x = x * x

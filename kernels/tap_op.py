@@ -1,19 +1,29 @@
-"""The fused TAP as ``torch.library`` custom ops, and its public entry points.
+"""The fused TAP as autograd Functions over the launch wrappers, and as ``torch.library`` custom ops.
 
-Ops (namespace ``tap_fast``), each with a fake (meta) implementation so torch.compile(fullgraph=True)
-traces them without graph breaks, and none of them syncs with the host, so CUDA graphs can capture them:
-- ``downscale_masks(mask, sizes, kernel_size, compound) -> Tensor[]``: D(M, l) of eq. 7 (no gradient:
-  the mask is data);
-- ``tap_forward(zs, sources, norm) -> (penalty, Tensor[])``: eq. 8 with D(M, l) built on the fly from each
-  layer's source map, with autograd registered; the second output holds the per-layer backward weights
-  (D for "l1", 2 D^2 A for "l2sq");
+Eager calls go from an autograd Function straight to ``tap_launch`` (no custom-op dispatch on the host).
+Under ``torch.compile`` the same Functions call the custom ops (namespace ``tap_fast``), whose fake (meta)
+implementations let dynamo trace them without graph breaks; none of them syncs with the host, so CUDA
+graphs capture them:
+- ``downscale_masks(mask, sizes, kernel_size, compound) -> Tensor[]``: D(M, l) of eq. 7;
+- ``tap_forward(zs, mask, norm, kernel_size, compound) -> (penalty, Tensor[])``: eq. 8 over L layers;
+- ``tap_layer_forward(z, src, div_h, div_w, kernel_size, norm, d_dtype) -> (penalty, w, sums)``: one layer;
 - ``tap_grad(grad_penalty, z, w, n_layers, grad_out?) -> Tensor``: one layer's gradient, one pass.
 
-Memory: the autograd context saves each Z by reference plus one B x H_l x W_l map per layer (D for "l1",
-2 D^2 A for "l2sq"), never a copy of Z. Saving the reference costs nothing: the next layer of the
-network saves the same tensor for its own backward, so autograd keeps it alive anyway. If Z is later
-modified in place (an inplace ReLU on a tapped output), autograd's version check raises in backward,
-exactly as for the reference. The mask gets no gradient.
+Two forms:
+- ``fused_tap_penalty(activations, mask)``: all layers in one autograd node, after the forward (what
+  ``tap_penalty(backend="triton")`` runs). Its backward runs before the network's and so holds every dZ
+  at once, at the memory peak;
+- per layer, inside the forward (``MaskSource.penalty``, used by ``TappedModel.forward_tap`` in training):
+  each layer's node is created as its Z is, so autograd (which runs ready nodes latest-created first)
+  computes a layer's dZ only when the network's backward reaches that layer. The identity variant also
+  returns Z through the node and adds the penalty's gradient into the gradient arriving at Z in the same
+  pass (3 Z-sized transfers instead of 5).
+
+Memory: autograd saves each Z by reference plus one B x H_l x W_l map per layer (D for "l1", 2 D^2 A for
+"l2sq"), never a copy of Z; the next layer of the network saves the same tensor for its own backward
+anyway. If Z is later modified in place, autograd's version check raises in backward, as for the
+reference. The mask gets no gradient. Inputs are validated at the entry points of this module and of
+``tap_fast`` (``tap_penalty``, ``TappedModel.forward_tap``), never in the launch wrappers.
 """
 # No `from __future__ import annotations`: torch.library infers the op schemas from real annotations.
 from collections.abc import Sequence
@@ -21,9 +31,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from kernels import tap_launch
-from tap_fast.masks import check_kernel_size, as_mask_batch
-from tap_fast.tap import check_tap_inputs
+from kernels import NORMS, tap_launch
 
 
 def _pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
@@ -31,58 +39,154 @@ def _pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @torch.library.custom_op("tap_fast::downscale_masks", mutates_args=())
-def _downscale_masks(mask: torch.Tensor, sizes: List[int], kernel_size: int, compound: bool
-                     ) -> List[torch.Tensor]:
+def _downscale_masks_op(mask: torch.Tensor, sizes: List[int], kernel_size: int, compound: bool
+                        ) -> List[torch.Tensor]:
     return tap_launch.downscale_masks(mask, _pairs(sizes), kernel_size, compound)
 
 
-@_downscale_masks.register_fake
+@_downscale_masks_op.register_fake
 def _(mask, sizes, kernel_size, compound):
     dtype = tap_launch.mask_map_dtype(mask.dtype)
     return [mask.new_empty((mask.shape[0], h, w), dtype=dtype) for h, w in _pairs(sizes)]
 
 
 @torch.library.custom_op("tap_fast::tap_forward", mutates_args=())
-def _tap_forward(zs: List[torch.Tensor], sources: List[torch.Tensor], norm: str
-                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return tap_launch.tap_forward(zs, sources, norm)
+def _tap_forward_op(zs: List[torch.Tensor], mask: torch.Tensor, norm: str, kernel_size: int, compound: bool
+                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    return tap_launch.tap_forward(zs, mask, norm, kernel_size, compound)
 
 
-@_tap_forward.register_fake
-def _(zs, sources, norm):
-    weights = [z.new_empty((z.shape[0], z.shape[2], z.shape[3]), dtype=torch.float32 if norm == "l2sq" else s.dtype)
-               for z, s in zip(zs, sources)]
+@_tap_forward_op.register_fake
+def _(zs, mask, norm, kernel_size, compound):
+    dtype = torch.float32 if norm == "l2sq" else tap_launch.mask_map_dtype(mask.dtype)
+    weights = [z.new_empty((z.shape[0], z.shape[2], z.shape[3]), dtype=dtype) for z in zs]
     return zs[0].new_empty((), dtype=torch.float32), weights
 
 
+@torch.library.custom_op("tap_fast::tap_layer_forward", mutates_args=())
+def _tap_layer_op(z: torch.Tensor, src: torch.Tensor, div_h: int, div_w: int, kernel_size: int, norm: str,
+                  d_dtype: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tap_launch.tap_layer_forward(z, src, div_h, div_w, kernel_size, norm, d_dtype)
+
+
+@_tap_layer_op.register_fake
+def _(z, src, div_h, div_w, kernel_size, norm, d_dtype):
+    b, _, h, w = z.shape
+    dtype = torch.float32 if norm == "l2sq" else tap_launch.D_TORCH[d_dtype]
+    return (z.new_empty((), dtype=torch.float32), z.new_empty((b, h, w), dtype=dtype),
+            z.new_empty((b, h, w), dtype=torch.float32))
+
+
 @torch.library.custom_op("tap_fast::tap_grad", mutates_args=())
-def _tap_grad(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_layers: int,
-              grad_out: Optional[torch.Tensor]) -> torch.Tensor:
+def _tap_grad_op(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_layers: int,
+                 grad_out: Optional[torch.Tensor]) -> torch.Tensor:
     return tap_launch.tap_grad(grad_penalty, z, w, n_layers, grad_out)
 
 
-@_tap_grad.register_fake
+@_tap_grad_op.register_fake
 def _(grad_penalty, z, w, n_layers, grad_out):
     return torch.empty_like(z)
 
 
-def _tap_forward_setup_context(ctx, inputs, output):
-    zs, _, _ = inputs
-    _, weights = output
-    ctx.n_layers = len(zs)
-    ctx.save_for_backward(*zs, *weights)
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
 
 
-def _tap_forward_backward(ctx, grad_penalty, grad_weights):
-    saved = ctx.saved_tensors
-    zs, weights = saved[:ctx.n_layers], saved[ctx.n_layers:]
-    needs = ctx.needs_input_grad[0]
-    grads = [_tap_grad(grad_penalty, z, w, ctx.n_layers, None) if need else None
-             for z, w, need in zip(zs, weights, needs)]
-    return grads, [None] * len(weights), None
+def _tap_grad(grad_penalty, z, w, n_layers, grad_out):
+    return (_tap_grad_op if _tracing() else tap_launch.tap_grad)(grad_penalty, z, w, n_layers, grad_out)
 
 
-_tap_forward.register_autograd(_tap_forward_backward, setup_context=_tap_forward_setup_context)
+class _TapPenalty(torch.autograd.Function):
+    """penalty = eq. 8 over all layers (one node); backward: one ``tap_grad`` per layer."""
+
+    @staticmethod
+    def forward(ctx, mask, norm, kernel_size, compound, *zs):
+        forward = _tap_forward_op if _tracing() else tap_launch.tap_forward
+        penalty, weights = forward(list(zs), mask, norm, kernel_size, compound)
+        ctx.n_layers = len(zs)
+        ctx.save_for_backward(*zs, *weights)
+        return penalty
+
+    @staticmethod
+    def backward(ctx, grad_penalty):
+        saved = ctx.saved_tensors
+        zs, weights = saved[:ctx.n_layers], saved[ctx.n_layers:]
+        grads = [_tap_grad(grad_penalty, z, w, ctx.n_layers, None) if need else None
+                 for z, w, need in zip(zs, weights, ctx.needs_input_grad[4:])]
+        return None, None, None, None, *grads
+
+
+class _TapLayer(torch.autograd.Function):
+    """One layer: (Z, penalty, sums) in the identity form, (penalty, sums) in the separate one; backward
+    g W 1[Z > 0] / B, plus the gradient arriving at the returned Z in the identity form."""
+
+    @staticmethod
+    def forward(ctx, z, src, div_h, div_w, kernel_size, norm, d_dtype, identity):
+        forward = _tap_layer_op if _tracing() else tap_launch.tap_layer_forward
+        penalty, weight, sums = forward(z, src, div_h, div_w, kernel_size, norm, d_dtype)
+        ctx.identity = identity
+        ctx.save_for_backward(z, weight)
+        ctx.mark_non_differentiable(sums)
+        # eager autograd then passes None for unused outputs (the sums, always) instead of zero-filled tensors;
+        # dynamo ignores this and traces materialised gradients, which the backward handles alike
+        ctx.set_materialize_grads(False)
+        return (z.view_as(z), penalty, sums) if identity else (penalty, sums)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        z, w = ctx.saved_tensors
+        grad_z, grad_penalty = grads[:2] if ctx.identity else (None, grads[0])
+        grad = grad_z if grad_penalty is None else _tap_grad(grad_penalty, z, w, 1, grad_z)
+        return grad, None, None, None, None, None, None, None
+
+
+class MaskSource:
+    """One batch's mask as the per-layer fused TAP reads it, in the order the layers run (eq. 7).
+
+    ``penalty(z)`` of each targeted layer builds D(M, l) on the fly (``tap_launch.source_kind``): from the
+    bin sums the previous layer wrote when its bins nest, else from the mask (max-pooled on the fly for
+    small bins, or once at input resolution for large ones), so the mask is read once for a ResNet at
+    224 x 224. With
+    ``compound`` (released code) each layer's D is the max-pool and average pool of the previous layer's D.
+    Does not check the mask's values (a host sync): check them once per data set.
+    """
+
+    def __init__(self, mask: torch.Tensor, kernel_size: int = 3, compound: bool = False):
+        self.map = tap_launch.mask_map(mask)
+        self.hw = tuple(self.map.shape[1:])
+        self.kernel_size, self.compound = kernel_size, compound
+        self.d_dtype = tap_launch.MASK_DTYPES[self.map.dtype]
+        self._prev: tuple[torch.Tensor, tuple[int, int]] | None = None  # last layer's sums (or D), its (H, W)
+        self._pooled: torch.Tensor | None = None  # the max-pooled mask, made when a layer first needs it
+
+    def _downscale(self, src: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if _tracing():
+            return _downscale_masks_op(src, list(hw), self.kernel_size, True)[0]
+        return tap_launch.downscale(src, hw, self.kernel_size)
+
+    def penalty(self, z: torch.Tensor, norm: str = "l1", identity: bool = True):
+        """This layer's TAP, mean_b sum_hw f(D * A) (eq. 8 before the 1/L): ``(Z, penalty)`` in the identity
+        form (use the returned Z downstream), ``penalty`` in the separate one. Z (B, C, H_l, W_l), H_l and
+        W_l at most the mask's; any float dtype, contiguous or channels_last."""
+        hw = tuple(z.shape[-2:])
+        prev = self._prev
+        if self.compound:
+            src = self._downscale(self.map if prev is None else prev[0], hw)
+            div, k = hw, 1
+        else:
+            kind = tap_launch.source_kind(None if prev is None else prev[1], hw, self.hw, self.kernel_size)
+            div, k = self.hw, self.kernel_size if kind == "mask" else 1
+            if kind == "sums":
+                src = prev[0]
+            elif kind == "mask":
+                src = self.map
+            else:
+                if self._pooled is None:
+                    self._pooled = self._downscale(self.map, self.hw)
+                src = self._pooled
+        out = _TapLayer.apply(z, src, div[0], div[1], k, norm, self.d_dtype, identity)
+        self._prev = (src if self.compound else out[-1], hw)
+        return (out[0], out[1]) if identity else out[0]
 
 
 def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int = 3,
@@ -90,88 +194,65 @@ def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], ke
     """Triton twin of ``tap_fast.masks.downscale_masks`` (eq. 7), bit-identical for fp32 masks.
 
     mask: (B, 1, H, W) or (B, H, W); returns one (B, H_l, W_l) map per size, in the mask's dtype for
-    fp32/fp16/bf16 masks and fp32 otherwise.
+    fp32/fp16/bf16 masks and fp32 otherwise. One launch per size (the max-pool is done on the fly).
     """
-    mask = as_mask_batch(mask)
-    check_kernel_size(kernel_size)
-    flat = [int(v) for size in sizes for v in size]
-    return _downscale_masks(mask.detach(), flat, kernel_size, compound)
-
-
-def fused_pooled_mask(mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
-    """MaxPool_k_s1(M) of eq. 7 at input resolution, (B, H, W), in ``fused_downscale_masks``' dtype: the map
-    that the forward kernels of ``fused_tap_penalty`` and ``tap_identity`` average-pool into each layer's
-    D(M, l) on the fly. One launch, shared by all layers (a compound step to the mask's own size); for
-    kernel_size 1, the mask itself in that dtype."""
-    mask = as_mask_batch(mask)
-    check_kernel_size(kernel_size)
-    if kernel_size == 1:
-        return mask[:, 0].detach().to(tap_launch.mask_map_dtype(mask.dtype))
-    (pooled,) = fused_downscale_masks(mask, [mask.shape[-2:]], kernel_size, compound=True)
-    return pooled
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
+        raise ValueError(f"mask must have shape (B, 1, H, W) or (B, H, W), got {getattr(mask, 'shape', mask)}")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    h, w = mask.shape[-2:]
+    pairs = [(int(a), int(b)) for a, b in sizes]
+    bad = [p for p in pairs if not (0 < p[0] <= h and 0 < p[1] <= w)]
+    if bad:
+        raise ValueError(f"sizes must lie in [1, mask size]: got {bad} for mask size {(h, w)}")
+    tap_launch.check_launchable(mask, "mask")
+    flat = [v for p in pairs for v in p]
+    if _tracing():
+        return _downscale_masks_op(mask.detach(), flat, kernel_size, compound)
+    return tap_launch.downscale_masks(mask, pairs, kernel_size, compound)
 
 
 def fused_tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kernel_size: int = 3,
                       norm: str = "l1", compound: bool = False) -> torch.Tensor:
-    """TAP, eq. 8 (batch mean, averaged over layers), with fused Triton kernels; equals
-    ``tap_fast.tap.tap_penalty_reference``. Does not check the mask's values (that syncs with the host):
-    ``tap_penalty(..., backend="triton")`` does, unless validate=False.
+    """TAP, eq. 8 (batch mean, averaged over layers), with fused Triton kernels in one autograd node; equals
+    ``tap_fast.tap.tap_penalty_reference``. Trusts its inputs: ``tap_penalty(..., backend="triton")``
+    validates them (shapes always, mask values unless validate=False) and calls this.
 
-    Launches: the mask's max-pool, one kernel per layer (channel sum, D on the fly, masked reduction), one
-    sum; compound downscaling chains the D maps first (one launch per layer) and the layers read them.
-
-    Args: as ``tap_penalty``: activations (B, C_l, H_l, W_l) on CUDA (or the CPU with TRITON_INTERPRET=1),
-    any float dtype; mask (B, 1, H, W) or (B, H, W) at input resolution. Returns an fp32 scalar.
+    Launches: one kernel per layer (channel sum, D on the fly, masked reduction) and one sum; compound
+    downscaling chains the D maps first (one launch per layer). Returns an fp32 scalar.
     """
-    mask = check_tap_inputs(activations, mask, norm)
-    if compound:
-        sources = fused_downscale_masks(mask, [a.shape[-2:] for a in activations], kernel_size, compound=True)
-    else:
-        sources = [fused_pooled_mask(mask, kernel_size)] * len(activations)
-    penalty, _ = _tap_forward(list(activations), sources, norm)
-    return penalty
+    return _TapPenalty.apply(mask.detach(), norm, kernel_size, compound, *activations)
 
 
-class _TapIdentity(torch.autograd.Function):
-    """(z, penalty) = (Z, mean_b sum_hw f(D * A)); backward adds the penalty's gradient into the gradient
-    arriving at Z in the same pass that computes it (``tap_grad`` with grad_out)."""
-
-    @staticmethod
-    def forward(ctx, z, source, norm):
-        penalty, (weight,) = _tap_forward([z], [source], norm)
-        ctx.save_for_backward(z, weight)
-        return z.view_as(z), penalty
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_penalty):
-        z, w = ctx.saved_tensors
-        return _tap_grad(grad_penalty, z, w, 1, grad_z), None, None
-
-
-def tap_identity(z: torch.Tensor, source: torch.Tensor, *, norm: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
+def tap_identity(z: torch.Tensor, mask: torch.Tensor, *, kernel_size: int = 3, norm: str = "l1"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Identity form of one layer's TAP: returns (Z unchanged, fp32 penalty mean_b sum_hw f(D * A)).
 
     Use the returned Z downstream (e.g. from a forward hook) and add penalty / L to the loss. In backward,
-    grad_Z = grad(Z out) + g * W * 1[Z > 0] / B is written in one pass that reads grad(Z out) and Z
-    (3 Z-sized transfers instead of 5 for a separate gradient that autograd then adds). It is written to a
-    new buffer, not into grad(Z out) in place: autograd may hand the same gradient tensor to other nodes
-    (both inputs of an add, as in a ResNet's residual connections) or an expanded (stride-0) one, and
-    writing into it would corrupt their gradients.
+    grad_Z = grad(Z out) + g * W * 1[Z > 0] / B is written in one pass that reads grad(Z out) and Z, into
+    a new buffer, not into grad(Z out) in place: autograd may hand the same gradient tensor to other nodes
+    (both inputs of an add, as in a ResNet's residual connections) or an expanded (stride-0) one. For
+    several layers of one batch, use one :class:`MaskSource` (it reads the mask once).
 
     Args:
         z: (B, C, H_l, W_l) activation, any float dtype, on CUDA (or CPU with TRITON_INTERPRET=1).
-        source: (B, H_s, W_s) map, H_s >= H_l and W_s >= W_l, whose adaptive average pool to (H_l, W_l) is
-            this layer's D(M, l) (eq. 7): ``fused_pooled_mask`` of the input mask (D built on the fly), or
-            the layer's D map itself, e.g. from ``fused_downscale_masks``.
+        mask: (B, 1, H, W) or (B, H, W) at input resolution (H >= H_l, W >= W_l), 1 = spurious pixel.
+        kernel_size: the max-pool window of eq. 7 (positive, odd).
         norm: "l1" (eq. 8) or "l2sq".
     """
-    if not isinstance(z, torch.Tensor) or z.dim() != 4:
-        raise ValueError(f"z must be a (B, C, H_l, W_l) tensor, got {getattr(z, 'shape', type(z).__name__)}")
-    if norm not in tap_launch.NORMS:
-        raise ValueError(f"norm must be one of {tap_launch.NORMS}, got {norm!r}")
+    if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
+        raise ValueError(f"z must be a floating-point (B, C, H_l, W_l) tensor, got {getattr(z, 'shape', z)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
     b, _, h, w = z.shape
-    if not isinstance(source, torch.Tensor) or source.dim() != 3 or source.shape[0] != b \
-            or source.shape[1] < h or source.shape[2] < w:
-        raise ValueError(f"source must be a (B, H_s, W_s) tensor with B = {b}, H_s >= {h}, W_s >= {w}, got "
-                         f"{getattr(source, 'shape', type(source).__name__)}")
-    return _TapIdentity.apply(z, source.detach(), norm)
+    shape = tuple(getattr(mask, "shape", ()))
+    if not isinstance(mask, torch.Tensor) or len(shape) not in (3, 4) or shape[0] != b or shape[-2] < h \
+            or shape[-1] < w or (len(shape) == 4 and shape[1] != 1):
+        raise ValueError(f"mask must be a (B, 1, H, W) or (B, H, W) tensor with B = {b}, H >= {h}, W >= {w}, "
+                         f"got {shape or type(mask).__name__}")
+    if mask.device != z.device:
+        raise ValueError(f"mask is on {mask.device} but z is on {z.device}")
+    tap_launch.check_launchable(z, "z")
+    return MaskSource(mask, kernel_size).penalty(z, norm, identity=True)

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,11 +36,13 @@ from tap_fast.taps import TappedModel
 from tap_fast.train_step import METHODS
 from tap_fast.training import default_lambda, resolve_device
 
-# row -> (label, method, TAP backend). "tap" is the fused Triton op on CUDA and the reference elsewhere;
-# "tap-id" (its identity form inside the forward, Triton only) runs only when asked for with --rows.
-ROWS = {"none": ("No XS", "none", "auto"), "tap": ("TAP (fused)", "tap", "auto"),
+# row -> (label, method, TAP backend). "tap" is what training runs (backend "auto": the fused kernels'
+# identity form inside the forward on CUDA, the reference elsewhere and under torch.compile); "tap-id" and
+# "tap-sep" (the identity and separate per-layer forms, Triton only) run only when asked for with --rows.
+ROWS = {"none": ("No XS", "none", "auto"), "tap": ("TAP (training default)", "tap", "auto"),
         "tap-ref": ("TAP (reference)", "tap", "torch"), "rrr": ("RRR", "rrr", "torch"), "rbr": ("RBR", "rbr", "torch"),
-        "tap-id": ("TAP (fused, identity form)", "tap", "identity")}
+        "tap-id": ("TAP (fused, identity form)", "tap", "identity"),
+        "tap-sep": ("TAP (fused, separate form)", "tap", "triton")}
 # lambda only scales a gradient term, so its value does not change a step's cost.
 TIMING_LAMBDA = {"none": 0.0, "tap": 1e-3, "rrr": 1e-3, "rbr": 1.0}
 # Table 1 of the paper (RTX 3080 10 GB, PyTorch 1.13, batch 16, 224x224): (it/s, GB); None = OOM.
@@ -172,10 +175,10 @@ def _free(device: torch.device) -> None:
 
 
 def measure_gpu(config: Config, batch: int, rows: list[str], dtype: str, device: torch.device, *, steps: int,
-                warmup: int, compile: bool, cuda_graphs: bool, channels_last: bool) -> list[dict]:
-    """Rows one after another on a GPU, each with its own model and peak-memory count."""
+                warmup: int, compile: bool, cuda_graphs: bool, channels_last: bool) -> Iterator[dict]:
+    """Rows one after another on a GPU, each with its own model and peak-memory count, yielded as each is
+    measured (so that the caller writes it at once)."""
     data = make_data(config, batch, device)
-    results = []
     for row in rows:
         if compile:
             torch._dynamo.reset()
@@ -188,11 +191,11 @@ def measure_gpu(config: Config, batch: int, rows: list[str], dtype: str, device:
             time_steps(step, data, warmup, device)
             times = time_steps(step, data, steps, device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            results.append(_result(config, batch, row, dtype, device, times, peak))
+            result = _result(config, batch, row, dtype, device, times, peak)
         except Exception as e:  # one failing row (OOM, a broken backend) must not end the table
-            results.append(_result(config, batch, row, dtype, device, None, status=_status(e)))
+            result = _result(config, batch, row, dtype, device, None, status=_status(e))
         step = None
-    return results
+        yield result
 
 
 def measure_interleaved(config: Config, batch: int, rows: list[str], dtype: str, device: torch.device, *,
@@ -486,15 +489,17 @@ def main(argv: list[str] | None = None) -> int:
                         flush()
                         continue
                 if gpu:
-                    results += measure_gpu(config, batch, cfg_rows, dtype, device,
-                                           steps=args.max_steps if config.batch == 0 else args.steps,
-                                           warmup=args.warmup, compile=args.compile, cuda_graphs=graphs,
-                                           channels_last=args.channels_last)
+                    for result in measure_gpu(config, batch, cfg_rows, dtype, device,
+                                              steps=args.max_steps if config.batch == 0 else args.steps,
+                                              warmup=args.warmup, compile=args.compile, cuda_graphs=graphs,
+                                              channels_last=args.channels_last):
+                        results.append(result)
+                        flush()
                 else:
                     results += measure_interleaved(config, batch, cfg_rows, dtype, device, rounds=args.rounds,
                                                    warmup=args.warmup, compile=args.compile,
                                                    channels_last=args.channels_last)
-                flush()
+                    flush()
             print(f"[{time.perf_counter() - start:.0f}s] {config.name} {dtype} done", file=sys.stderr)
     print(header)
     if configs:

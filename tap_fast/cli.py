@@ -145,9 +145,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="replay the whole training step as one CUDA graph")
     p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast the step: none (fp32) or bf16")
     p.add_argument("--tap-backend", choices=STEP_BACKENDS, default="auto",
-                   help="TAP's kernels (method tap only): auto (fused Triton on CUDA, else PyTorch), torch, "
-                        "triton, or identity (the fused op's identity form inside the forward); triton and "
-                        "identity need Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
+                   help="TAP's kernels (method tap only): auto (identity on CUDA with Triton, else torch), "
+                        "torch (PyTorch after the forward), triton or identity (fused Triton kernels inside the "
+                        "forward, one layer at a time: separate or identity form); triton and identity need "
+                        "Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
     p.add_argument("--run-dir", help="folder for checkpoints (every epoch) and cached annotations")
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
 

@@ -18,13 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tap_fast.distributed import unwrap
 from tap_fast.tap import NORMS
-from tap_fast.taps import TappedModel, identity_form_ops
+from tap_fast.taps import TappedModel, fused_tap_ops
 from tap_fast.train_step import BACKENDS, METHODS, train_step
 
 COMPILED_METHODS = ("none", "tap")  # RRR / RBR need double backward, which torch.compile cannot trace
 AMP_DTYPES = (None, torch.bfloat16)
 GRAPH_WARMUP_STEPS = 3  # lazy optimizer state, recompiles and cuDNN autotuning happen before capture
 DDP_GRAPH_WARMUP_STEPS = 11  # DDP's reducer needs 11 eager iterations before capture (torch.cuda.graphs docs)
+COMPILED_AUTO_BACKEND = "torch"  # what TAP's backend "auto" means under torch.compile: see make_step
 
 
 def uses_batchnorm(model: nn.Module) -> bool:
@@ -117,8 +118,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
 
     Args:
         method, lam, norm, kernel_size, compound, backend: as :func:`~tap_fast.train_step.train_step`
-            (``backend`` is TAP's: "auto" takes the fused Triton op on CUDA, "identity" its identity form
-            inside the forward).
+            (``backend`` is TAP's), except that with ``compile`` "auto" is "torch" (below).
         mean, std: normalisation of the uint8 images, as (x / 255 - mean) / std.
         explain_in_eval: RRR / RBR explanations from an eval-mode pass; None: when the model has BatchNorm.
         compile: ``torch.compile`` the step (methods "none" and "tap"; RRR / RBR run eager). Static shapes
@@ -139,8 +139,22 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
     Optimizer.zero_grad, Tensor.backward, torch.optim's own graph_break calls). Every compiled step adds
     cache entries to the same code: a process that builds more than 8 (a lambda sweep) should call
     ``torch._dynamo.reset()`` between runs, or dynamo's recompile limit makes later steps run eagerly.
+
+    Compiled, TAP's backend "auto" is "torch", the plain-torch eq. 6-8, on every device: Inductor fuses it
+    into the network's own kernels, the channel sum (eq. 6) into the loop that writes Z^l and, where Z^l is
+    a ReLU's output, the relu mask and TAP's gradient into that ReLU's backward. The fused Triton op
+    (backends "triton" and "identity", still honoured) is opaque to Inductor: its launches read every Z^l
+    again, Inductor copies Z^l into the op's layout where they differ, and the gradient takes passes of
+    its own.
+    Measured from Inductor's generated code by ``benchmarks/inductor_fusion.py`` (``benchmarks/RESULTS.md``;
+    ResNet-18, CPU): the compiled TAP step adds to the compiled No XS step 5 forward kernels (mask path and
+    masked reductions) and no backward kernel, none of them touching a tapped activation; the fused op, in
+    either form, adds 10 forward and 8 backward kernels, 16 or 17 of them over a tapped activation, and
+    about 3 forward and 7 backward Z^l-sized transfers per layer.
     """
-    _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile, compound)
+    _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile)
+    if compile and method in COMPILED_METHODS and backend == "auto":
+        backend = COMPILED_AUTO_BACKEND
     tapped = unwrap(model)
     if explain_in_eval is None:
         explain_in_eval = method in ("rrr", "rbr") and uses_batchnorm(tapped)
@@ -169,8 +183,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
     return TrainStep(body, cuda_graphs=cuda_graphs, warmup_steps=warmup_steps, channels_last=channels_last)
 
 
-def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile, compound
-                     ) -> None:
+def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile) -> None:
     if not isinstance(unwrap(model), TappedModel):
         raise TypeError(f"model must be a TappedModel (optionally wrapped in DDP), got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -183,11 +196,8 @@ def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cu
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if method == "tap" and backend == "identity":
-        if compound:
-            raise ValueError("compound=True (chained mask downscaling) is not supported by backend='identity'; "
-                             "use backend 'auto', 'torch' or 'triton'")
-        identity_form_ops(next(unwrap(model).parameters()), "model")
+    if method == "tap" and backend in ("identity", "triton"):
+        fused_tap_ops(next(unwrap(model).parameters()), "model")
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {amp_dtype!r} (float16 would need "
                          "loss scaling)")

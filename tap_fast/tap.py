@@ -1,15 +1,14 @@
 """The Targeted Activation Penalty (eq. 6-8) with a plain-PyTorch reference and backend dispatch."""
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from tap_fast.masks import as_mask_batch, check_mask_values, downscale_masks
+# kernels/__init__ imports neither triton nor tap_fast: the one definition of these, shared with kernels/
+from kernels import NORMS, interpreter_enabled  # noqa: F401
+from tap_fast.masks import as_mask_batch, check_kernel_size, check_mask_values, downscale_masks
 
-NORMS = ("l1", "l2sq")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -45,12 +44,15 @@ def tap_penalty_reference(activations: Sequence[torch.Tensor], mask: torch.Tenso
     """Plain-PyTorch eq. 8, batch mean: mean_b (1/L) sum_l sum_hw f(D(M,l) * A^l), A^l = sum_c relu(Z^l_c).
 
     f is |.| for norm="l1" (the paper) and (.)^2 for "l2sq" (the released code). Accumulates in fp32.
+    relu(Z) is written where(Z <= 0, 0, Z), with the same values and gradient: when Z is a ReLU's output,
+    Z <= 0 is the mask that ReLU's own backward uses, so under torch.compile the two share one saved mask
+    and TAP's gradient fuses into that backward (measured in benchmarks/inductor_fusion.py).
     """
     mask = as_mask_batch(mask)
     sizes = [a.shape[-2:] for a in activations]
     total = None
     for z, d in zip(activations, downscale_masks(mask, sizes, kernel_size, compound)):
-        a_map = F.relu(z).sum(1, dtype=torch.float32)  # eq. 6
+        a_map = torch.where(z <= 0, 0, z).sum(1, dtype=torch.float32)  # eq. 6
         x = d.float() * a_map
         per_sample = (x if norm == "l1" else x.square()).sum((1, 2))
         total = per_sample.mean() if total is None else total + per_sample.mean()
@@ -79,6 +81,7 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     mask = check_tap_inputs(activations, mask, norm)
+    check_kernel_size(kernel_size)
     if validate:
         check_mask_values(mask, soft=soft)
     if backend == "auto":
@@ -88,8 +91,10 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed; "
                          "use backend='torch' or 'auto'")
+    from kernels.tap_launch import check_launchable
     from kernels.tap_op import fused_tap_penalty
 
+    check_launchable(mask, "activations")
     return fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)
 
 
@@ -100,9 +105,3 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1/true/on, as Triton reads it).
-    Here, not in kernels/, so that asking does not define the kernels (Triton reads the variable then)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

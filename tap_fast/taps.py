@@ -1,5 +1,5 @@
 """Tap points: collect the outputs Z^l of named modules with forward hooks, for any CNN; or compute TAP
-(eq. 8) inside those hooks, in the identity form of the fused kernels (``kernels.tap_op.tap_identity``)."""
+(eq. 8) inside those hooks with the fused kernels, one autograd node per layer (``kernels.tap_op.MaskSource``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,10 +37,11 @@ class TappedModel(nn.Module):
             modules[name].register_forward_hook(_TapHook(name, self._taps))
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None, *, kernel_size: int = 3,
-                norm: str = "l1", compound: bool = False):
+                norm: str = "l1", compound: bool = False, identity: bool = True):
         """``(logits, [Z^l ...])``; given ``masks``, :meth:`forward_tap`'s ``(logits, penalty)``."""
         if masks is not None:
-            return self.forward_tap(x, masks, kernel_size=kernel_size, norm=norm, compound=compound)
+            return self.forward_tap(x, masks, kernel_size=kernel_size, norm=norm, compound=compound,
+                                    identity=identity)
         state = self._taps
         state.outputs.clear()
         logits = self.model(x)
@@ -49,13 +50,17 @@ class TappedModel(nn.Module):
         return logits, acts
 
     def forward_tap(self, x: torch.Tensor, masks: torch.Tensor, *, kernel_size: int = 3, norm: str = "l1",
-                    compound: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward with TAP computed inside the tap hooks: ``(logits, penalty)``.
+                    compound: bool = False, identity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward with TAP computed inside the tap hooks by the fused kernels: ``(logits, penalty)``.
 
-        Each hook passes its Z^l through ``tap_identity`` with that layer's D(M, l) (eq. 7) and returns it
-        unchanged, so the backward adds the penalty's gradient into the gradient arriving at Z^l in the
-        same pass (3 Z-sized memory transfers per layer instead of 5). penalty = (1/L) sum_l mean_b sum_hw
-        f(D * A^l), eq. 8 as ``tap_penalty_reference(forward(x)[1], masks, ...)`` computes it (fp32).
+        penalty = (1/L) sum_l mean_b sum_hw f(D(M, l) * A^l) (eq. 8, fp32), as
+        ``tap_penalty_reference(forward(x)[1], masks, ...)`` computes it. Each hook computes its layer's
+        term from one :class:`kernels.tap_op.MaskSource` of the batch (the mask is read once), so each
+        layer's gradient is computed when the backward reaches that layer and no two layers' dZ are held
+        at once. ``identity=True`` (the default) passes Z^l through the penalty's node, whose backward adds
+        the penalty's gradient into the gradient arriving at Z^l in the same pass (3 Z-sized memory
+        transfers per layer instead of 5); ``identity=False`` leaves Z^l alone and lets autograd add it.
+        With ``compound`` the layers chain their masks in the order they run.
 
         Needs Triton and CUDA tensors, or the CPU with TRITON_INTERPRET=1. Does not check the masks'
         values (a host sync): check them once per data set (``tap_fast.masks.check_mask_values``).
@@ -63,12 +68,9 @@ class TappedModel(nn.Module):
         Args:
             x: the model's input batch (B, C, H, W).
             masks: (B, 1, H, W) or (B, H, W) at the input's resolution, 1 = spurious pixel.
-            kernel_size, norm: as :func:`~tap_fast.tap.tap_penalty`.
-            compound: must be False: the released code's chained downscaling is not supported here.
+            kernel_size, norm, compound: as :func:`~tap_fast.tap.tap_penalty`.
+            identity: the identity form (True) or the separate one (False).
         """
-        if compound:
-            raise ValueError("compound=True (chained mask downscaling) is not supported by the identity form "
-                             "(forward_tap, backend='identity'); use backend='torch' or 'triton'")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         check_kernel_size(kernel_size)
@@ -78,28 +80,26 @@ class TappedModel(nn.Module):
                              f"{tuple(masks.shape)}")
         if masks.device != x.device:
             raise ValueError(f"masks is on {masks.device} but the input is on {x.device}")
-        tap_op = identity_form_ops(masks, "masks")
+        tap_op = fused_tap_ops(masks, "masks")
         state = self._taps
-        # The max-pool of eq. 7 once, at input resolution; each hook's kernel average-pools it to its
-        # layer's D(M, l) on the fly, exactly as fused_tap_penalty does.
-        state.pooled_mask = tap_op.fused_pooled_mask(masks, kernel_size)
-        state.norm, state.ops = norm, tap_op
+        state.source = tap_op.MaskSource(masks, kernel_size, compound)
+        state.norm, state.identity = norm, identity
         state.penalties.clear()
         try:
             logits = self.model(x)
             penalty = sum(state.penalties[n] for n in self.tap_names) / len(self.tap_names)
         finally:
-            state.pooled_mask = state.ops = None
+            state.source = None
             state.penalties.clear()
         return logits, penalty
 
 
-def identity_form_ops(t: torch.Tensor, name: str):
+def fused_tap_ops(t: torch.Tensor, name: str):
     """``kernels.tap_op``, imported on first use (tap_fast imports without Triton), after checking that the
-    identity form can run on ``t``'s device; ValueError naming ``name`` otherwise."""
+    fused kernels can run on ``t``'s device; ValueError naming ``name`` otherwise."""
     if not triton_available():
-        raise ValueError("the identity form of TAP (forward_tap, backend='identity') needs the triton package, "
-                         "which is not installed; use backend='torch'")
+        raise ValueError("TAP inside the forward (forward_tap, backend='identity' or 'triton') needs the triton "
+                         "package, which is not installed; use backend='torch'")
     from kernels import tap_launch, tap_op
 
     tap_launch.check_launchable(t, name)
@@ -108,19 +108,20 @@ def identity_form_ops(t: torch.Tensor, name: str):
 
 class _TapState:
     """What a TappedModel shares with its hooks: the outputs a plain forward collects, or, during
-    forward_tap, the max-pooled mask, the norm and each tap's penalty (all cleared when forward returns)."""
+    forward_tap, the batch's MaskSource, the norm, the form and each tap's penalty (all cleared when
+    forward returns)."""
 
     def __init__(self):
         self.outputs: dict[str, torch.Tensor] = {}
-        self.pooled_mask: torch.Tensor | None = None
+        self.source = None  # kernels.tap_op.MaskSource during forward_tap
         self.norm = "l1"
-        self.ops = None  # kernels.tap_op during forward_tap
+        self.identity = True
         self.penalties: dict[str, torch.Tensor] = {}
 
 
 class _TapHook:
-    """Forward hook storing a module's output in ``state.outputs[name]``, or, during forward_tap, returning
-    it through ``tap_identity`` and storing its penalty. An object, not a closure, so that copy.deepcopy of
+    """Forward hook storing a module's output in ``state.outputs[name]``, or, during forward_tap, storing its
+    penalty (and returning the output through the identity form's node). An object, not a closure, so that copy.deepcopy of
     a TappedModel gives hooks that use the copy's state, not the original's."""
 
     def __init__(self, name: str, state: _TapState):
@@ -131,8 +132,15 @@ class _TapHook:
             raise ValueError(f"tap {self.name!r} must output a (B, C, H, W) tensor, got "
                              f"{getattr(output, 'shape', type(output).__name__)}")
         state = self.state
-        if state.pooled_mask is None:
+        source = state.source
+        if source is None:
             state.outputs[self.name] = output
             return None
-        output, state.penalties[self.name] = state.ops.tap_identity(output, state.pooled_mask, norm=state.norm)
+        if output.shape[0] != source.map.shape[0] or output.shape[-2] > source.hw[0] or output.shape[-1] > source.hw[1]:
+            raise ValueError(f"tap {self.name!r} outputs {tuple(output.shape)}: TAP needs the batch of the masks "
+                             f"and a spatial size at most theirs, {source.hw}")
+        if not state.identity:
+            state.penalties[self.name] = source.penalty(output, state.norm, identity=False)
+            return None
+        output, state.penalties[self.name] = source.penalty(output, state.norm, identity=True)
         return output

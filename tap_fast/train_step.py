@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tap_fast.feeds import normalise
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
 from tap_fast.tap import BACKENDS as TAP_BACKENDS
-from tap_fast.tap import tap_penalty
+from tap_fast.tap import tap_penalty, triton_available
 
 METHODS = ("none", "tap", "rrr", "rbr")
 # TAP backends of a step: tap_penalty's, and "identity" (TAP inside the forward, TappedModel.forward_tap)
@@ -31,9 +31,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
             rescaling and batch mean) or "rbr" (identity-Hessian RBR, summed over the batch).
         lam: lambda of eq. 3.
         norm, kernel_size, compound: passed to :func:`~tap_fast.tap.tap_penalty`.
-        backend: "auto", "torch" or "triton": passed to :func:`~tap_fast.tap.tap_penalty`; "identity": the
-            fused kernels' identity form inside the forward (:meth:`~tap_fast.taps.TappedModel.forward_tap`;
-            Triton on CUDA, or TRITON_INTERPRET=1 on the CPU; compound=False only).
+        backend: TAP's implementation. "torch": the reference (:func:`~tap_fast.tap.tap_penalty`) after the
+            forward; "triton" / "identity": the fused kernels inside the forward, one node per layer, in the
+            separate / identity form (:meth:`~tap_fast.taps.TappedModel.forward_tap`; Triton on CUDA, or
+            TRITON_INTERPRET=1 on the CPU), so the backward holds one layer's dZ at a time; "auto": "identity"
+            on CUDA with Triton installed (the fewest memory transfers), "torch" elsewhere.
         explain_in_eval: compute the RRR / RBR term from a second forward pass in eval mode, as the released
             code does; needed for BatchNorm models, whose training-mode backward lacks 3rd-order derivatives.
     """
@@ -41,12 +43,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     input_grad = method in ("rrr", "rbr") and not explain_in_eval
     if input_grad:
         x.requires_grad_(True)
-    tap_in_forward = method == "tap" and backend == "identity"
+    if method == "tap" and backend == "auto":
+        backend = "identity" if x.is_cuda and triton_available() else "torch"
+    tap_in_forward = method == "tap" and backend in ("identity", "triton")
     if tap_in_forward:
         if masks is None:
             raise ValueError("masks must be a (B, 1, H, W) tensor for method 'tap', got None")
         # model(x, masks) is TappedModel.forward_tap; called through __call__ so that a DDP wrapper's forward runs
-        logits, penalty = model(x, masks, kernel_size=kernel_size, norm=norm, compound=compound)
+        logits, penalty = model(x, masks, kernel_size=kernel_size, norm=norm, compound=compound,
+                                identity=backend == "identity")
     else:
         logits, activations = model(x)
     task_loss = F.cross_entropy(logits, labels)

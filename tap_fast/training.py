@@ -201,9 +201,6 @@ def check_config(config: TrainConfig) -> None:
     if config.clean_train and config.method != "none":
         raise ValueError(f"clean_train trains the Base model without XS: method must be 'none', got "
                          f"{config.method!r}")
-    if config.tap_backend == "identity" and config.compound:
-        raise ValueError("compound (chained mask downscaling) is not supported by tap_backend 'identity'; "
-                         "use 'auto', 'torch' or 'triton'")
     _check_tap_backend(config)
     if config.resume and config.run_dir is None:
         raise ValueError("resume needs run_dir (--run-dir), the folder holding checkpoint.pt")

@@ -4,7 +4,8 @@ CPU runs use Triton's interpreter (TRITON_INTERPRET=1, set by conftest), mostly 
 same tests run on CUDA in fp32 and bf16 when a GPU is present and the interpreter is off
 (TRITON_INTERPRET=0, as benchmarks/gpu_check.sh sets it).
 Tolerances: D maps are bit-identical (same fp32 summation order and IEEE divisions as torch), except a
-1 x 1 map of soft values, which torch computes with mean() (rtol 1e-5). Penalty values differ from the
+1 x 1 map of soft values, which torch computes with mean() (rtol 1e-5), and soft masks on layers that build
+D from a finer layer's bin sums (a sum of sums: rtol 1e-6). Penalty values differ from the
 reference only in fp32 summation order: rtol 1e-5 (1e-4 when some Z is half precision). Gradients: fp32
 rtol 1e-5; half precision rounds the same fp32 value once, as the reference does, up to its own fp32
 rounding: rtol 2e-3 (fp16), 1.6e-2 (bf16, two ulps). Re-running gives bit-identical results.
@@ -15,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernels import tap_launch  # noqa: E402
-from kernels.tap_op import fused_downscale_masks, fused_pooled_mask, fused_tap_penalty, tap_identity  # noqa: E402
+from kernels.tap_op import MaskSource, fused_downscale_masks, fused_tap_penalty, tap_identity  # noqa: E402
 from tap_fast.masks import downscale_mask, downscale_masks  # noqa: E402
 from tap_fast.tap import tap_penalty, tap_penalty_reference  # noqa: E402
 
@@ -33,6 +34,8 @@ CASES = {
     "cnn2": (3, 28, 28, [(5, 14, 14), (7, 6, 6)]),
     "odd": (2, 13, 17, [(6, 13, 17), (3, 5, 4), (33, 3, 3)]),
     "batch1": (1, 20, 20, [(4, 7, 9)]),
+    # bins nest: D from the previous layer's bin sums, except 5 x 4 (6 % 5 != 0) and 1 x 1 (48 % 5 != 0)
+    "nested": (2, 48, 40, [(3, 24, 20), (5, 12, 10), (4, 6, 5), (6, 5, 4), (3, 1, 1)]),
 }
 
 
@@ -159,25 +162,60 @@ def test_downscale_large_bins_and_dtypes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,kernel_size", [("random", 3), ("soft", 3), ("soft", 1), ("ones", 5)])
-def test_forward_builds_d_bit_identical(device, kind, kernel_size):
-    """The forward kernel average-pools the max-pooled mask into each layer's D on the fly and hands D to
-    the backward ("l1"): bit-identical to the reference's D maps at awkward sizes (a 1 x 1 map of soft
-    values: rtol 1e-5, torch uses mean() there); "l2sq" hands over 2 D^2 A instead."""
-    b, h, w = 2, 29, 23
-    sizes = [(29, 23), (14, 12), (6, 5), (5, 3), (1, 1)]
+@pytest.mark.parametrize("nested", [False, True])
+def test_forward_builds_d_bit_identical(device, kind, kernel_size, nested):
+    """The forward kernels build each layer's D on the fly and hand it to the backward ("l1"): from the mask
+    (max-pooled on the fly) at awkward sizes, or, when bins nest, from the previous layer's bin sums. Binary
+    masks: bit-identical to the reference's D maps; soft masks: bit-identical from the mask (a 1 x 1 map:
+    rtol 1e-5, torch uses mean() there), rtol 1e-6 from bin sums. "l2sq" hands over 2 D^2 A instead."""
+    b, h, w = (2, 32, 24) if nested else (2, 29, 23)
+    sizes = [(32, 24), (16, 12), (8, 6), (2, 3), (1, 1)] if nested else [(29, 23), (14, 12), (6, 5), (5, 3), (1, 1)]
     zs = [z.detach() for z in _activations(b, [(3, *s) for s in sizes], device, torch.float32, False)]
     mask = _mask(kind, b, h, w, device)
-    pooled = fused_pooled_mask(mask, kernel_size)
-    assert pooled.shape == (b, h, w) and torch.equal(pooled, downscale_mask(mask, (h, w), kernel_size))
-    _, d_maps = tap_launch.tap_forward(zs, [pooled] * len(zs), "l1")
-    _, l2sq_maps = tap_launch.tap_forward(zs, [pooled] * len(zs), "l2sq")
-    for size, z, d, wmap, ref in zip(sizes, zs, d_maps, l2sq_maps, downscale_masks(mask, sizes, kernel_size)):
+    kinds = [tap_launch.source_kind(None if i == 0 else sizes[i - 1], size, (h, w), kernel_size)
+             for i, size in enumerate(sizes)]
+    assert kinds[1:] == ["sums"] * 4 if nested else "sums" not in kinds
+    _, d_maps = tap_launch.tap_forward(zs, mask, "l1", kernel_size, False)
+    _, l2sq_maps = tap_launch.tap_forward(zs, mask, "l2sq", kernel_size, False)
+    for i, (size, z, d, wmap, ref) in enumerate(zip(sizes, zs, d_maps, l2sq_maps,
+                                                    downscale_masks(mask, sizes, kernel_size))):
         assert d.dtype == torch.float32 and d.shape == ref.shape
-        if size == (1, 1) and kind == "soft":
+        if kind == "soft" and (nested and i > 0):
+            torch.testing.assert_close(d, ref, rtol=1e-6, atol=0)
+        elif size == (1, 1) and kind == "soft":
             torch.testing.assert_close(d, ref, rtol=1e-5, atol=0)
         else:
             assert torch.equal(d, ref), size
         torch.testing.assert_close(wmap, 2 * ref.square() * torch.relu(z).sum(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("identity", [True, False])
+def test_mask_source_reads_the_mask_once(device, identity, monkeypatch):
+    """Per layer, in the order the layers run: the first layer reads the mask, each later layer whose bins
+    nest reads the previous layer's bin sums, a layer whose bins do not (5 x 4 after 6 x 5) reads the mask
+    max-pooled once at input resolution (made by the first layer that needs it); the layers' penalties sum to the reference's eq. 8 and their gradients match it."""
+    b, h, w, layers = CASES["nested"]
+    zs = _activations(b, layers, device, torch.float32, channels_last=False)
+    mask = _mask("random", b, h, w, device)
+    sources = []
+    real = tap_launch.tap_layer_forward
+
+    def recording(z, src, *args):
+        sources.append(tuple(src.shape[1:]))
+        return real(z, src, *args)
+
+    monkeypatch.setattr(tap_launch, "tap_layer_forward", recording)
+    source = MaskSource(mask)
+    outs = [source.penalty(z, "l1", identity=identity) for z in zs]
+    penalties = [o[1] for o in outs] if identity else outs
+    assert sources == [(h, w), (24, 20), (12, 10), (h, w), (h, w)]
+    assert source._pooled is not None and torch.equal(source._pooled, downscale_mask(mask, (h, w)))
+    penalty = sum(penalties) / len(zs)
+    ref = tap_penalty_reference(zs, mask)
+    torch.testing.assert_close(penalty, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(penalty, zs), torch.autograd.grad(ref, zs)):
+        torch.testing.assert_close(g, r, **_tol(torch.float32))
 
 
 MASK_DTYPES = [pytest.param("cpu", torch.float16, marks=ON_CPU, id="cpu-fp16"),
@@ -200,28 +238,25 @@ def test_mask_dtypes(device, mask_dtype, kernel_size):
     mask = (soft < 0.3) if mask_dtype == torch.bool else soft.to(mask_dtype)
     map_dtype = torch.float32 if mask_dtype == torch.bool else mask_dtype
     zs = _activations(b, [(3, *size) for size in sizes], device, torch.float32, channels_last=False)
-    pooled = fused_pooled_mask(mask, kernel_size)
-    assert pooled.dtype == map_dtype and torch.equal(pooled, downscale_mask(mask, (h, w), kernel_size))
-    _, d_maps = tap_launch.tap_forward([z.detach() for z in zs], [pooled] * len(zs), "l1")
+    _, d_maps = tap_launch.tap_forward([z.detach() for z in zs], mask, "l1", kernel_size, False)
     for d, ref in zip(d_maps, downscale_masks(mask, sizes, kernel_size)):
         assert d.dtype == ref.dtype == map_dtype and torch.equal(d, ref)
     for norm in ("l1", "l2sq"):  # "l2sq"'s gradient, 2 D^2 A per pixel, shows an unrounded D elementwise
         _check_against_reference(zs, mask, kernel_size=kernel_size, norm=norm)
-        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, ([z.detach() for z in zs], [pooled] * 3, norm))
+        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default,
+                              ([z.detach() for z in zs], mask, norm, kernel_size, False))
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("norm", ["l1", "l2sq"])
-@pytest.mark.parametrize("source", ["pooled", "d_map"])
-def test_identity_form(device, dtype, norm, source):
-    """tap_identity returns Z itself (no copy) and adds the penalty gradient to the downstream one, with D
-    built from the max-pooled mask or given as the layer's D map."""
+@pytest.mark.parametrize("mask_dims", [3, 4])
+def test_identity_form(device, dtype, norm, mask_dims):
+    """tap_identity returns Z itself (no copy) and adds the penalty gradient to the downstream one."""
     b, c, h, w = 2, 6, 9, 7
     (z,) = _activations(b, [(c, h, w)], device, dtype, channels_last=norm == "l2sq")
     mask = _mask("random", b, 19, 15, device)
-    src = fused_pooled_mask(mask) if source == "pooled" else fused_downscale_masks(mask, [(h, w)])[0]
     u = torch.randn(b, c, h, w, device=device)
-    out, penalty = tap_identity(z, src, norm=norm)
+    out, penalty = tap_identity(z, mask[:, 0] if mask_dims == 3 else mask, norm=norm)
     assert out.data_ptr() == z.data_ptr() and torch.equal(out, z)
     grad = torch.autograd.grad((out.float() * u).sum() + 0.3 * penalty, z)[0]
     ref_penalty = tap_penalty_reference([z], mask, norm=norm)
@@ -267,10 +302,14 @@ def test_opcheck(device):
     zs = _activations(2, [(3, 5, 6), (4, 3, 3)], device, torch.float32, channels_last=False)
     mask = _mask("random", 2, 11, 12, device)
     ds = fused_downscale_masks(mask, [(5, 6), (3, 3)])
-    pooled = fused_pooled_mask(mask)
     for norm in ("l1", "l2sq"):
-        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, (zs, ds, norm))
-        torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, (zs, [pooled, pooled], norm))
+        for compound in (False, True):
+            torch.library.opcheck(torch.ops.tap_fast.tap_forward.default, ([z.detach() for z in zs], mask, norm, 3,
+                                                                          compound))
+        torch.library.opcheck(torch.ops.tap_fast.tap_layer_forward.default,
+                              (zs[1].detach(), mask[:, 0], 11, 12, 3, norm, "fp32"))
+        torch.library.opcheck(torch.ops.tap_fast.tap_layer_forward.default,
+                              (zs[1].detach(), ds[0], 11, 12, 1, norm, "fp32"))
     torch.library.opcheck(torch.ops.tap_fast.downscale_masks.default, (mask, [5, 6, 3, 3], 3, True))
     g = torch.tensor(0.5, device=device)
     grad_out = torch.randn(2, 3, 5, 6, device=device)
@@ -284,31 +323,37 @@ def test_batch_beyond_cuda_grid_limit(device):
     the same behaviour everywhere). The largest benchmark grids (batch 1024 at 224 x 224) are far inside."""
     b = 65536
     z = torch.rand(b, 1, 1, 1, device=device)
-    with pytest.raises(ValueError, match=r"activations\[0\].*65535 samples"):
-        tap_launch.tap_forward([z], [torch.rand(b, 1, 1, device=device)], "l1")
+    with pytest.raises(ValueError, match=r"activations: .*65535 samples"):
+        tap_launch.tap_forward([z], torch.rand(b, 1, 1, device=device), "l1", 1, False)
     with pytest.raises(ValueError, match="z: .*65535 samples"):
         tap_launch.tap_grad(torch.tensor(1.0, device=device), z, torch.rand(b, 1, 1, device=device), 1)
     assert tap_launch.checked_grid((98, 16, 65535), "z") == (98, 16, 65535)
 
 
 def test_errors(monkeypatch):
+    """Bad input raises ValueError naming the argument at the public entry points (the launch wrappers
+    trust their inputs)."""
     z = torch.randn(2, 3, 5, 5, requires_grad=True)
     mask = _mask("random", 2, 10, 10, "cpu")
     with pytest.raises(ValueError, match="norm"):
-        fused_tap_penalty([z], mask, norm="l2")
+        tap_penalty([z], mask, norm="l2", backend="triton")
     with pytest.raises(ValueError, match="kernel_size"):
-        fused_tap_penalty([z], mask, kernel_size=2)
+        tap_penalty([z], mask, kernel_size=2, backend="triton")
     with pytest.raises(ValueError, match="exceeds the mask size"):
-        fused_tap_penalty([z], mask[..., :4, :4])
-    with pytest.raises(ValueError, match="source must be"):
+        tap_penalty([z], mask[..., :4, :4], backend="triton")
+    with pytest.raises(ValueError, match="mask must be"):
         tap_identity(z, torch.zeros(2, 4, 5))
-    with pytest.raises(ValueError, match=r"sources\[0\] must be a floating-point \(B, H_s, W_s\)"):
-        tap_launch.tap_forward([z], [torch.zeros(2, 5, 4)], "l1")
-    with pytest.raises(ValueError, match="size must lie"):
-        tap_launch.downscale(mask[:, 0], (11, 5), 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        tap_identity(z, mask, kernel_size=0)
+    with pytest.raises(ValueError, match="norm"):
+        tap_identity(z, mask, norm="l3")
+    with pytest.raises(ValueError, match="sizes must lie"):
+        fused_downscale_masks(mask, [(11, 5)], 3)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        fused_tap_penalty([z], mask)
+    for call in (lambda: tap_penalty([z], mask, backend="triton"), lambda: tap_identity(z, mask),
+                 lambda: fused_downscale_masks(mask, [(5, 5)])):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            call()
 
 
 @pytest.mark.gpu
