@@ -4,7 +4,7 @@
 - ``kernels.tap_launch``: launch wrappers (block sizes, grids, strides, cached launch plans) on real tensors;
 - ``kernels.tap_op``: ``torch.library`` custom ops with fake and autograd registrations (used where
   torch.compile traces), the eager autograd Functions, and the entry points ``fused_tap_penalty``,
-  ``fused_downscale_masks``, ``MaskSource``, ``tap_layer`` and ``tap_identity``.
+  ``fused_downscale_masks``, ``MaskSource`` and ``tap_identity``.
 
 Imports run one way: nothing here imports ``tap_fast``. Importing this package does not import Triton (the
 submodules do), so ``tap_fast`` can ask :func:`interpreter_enabled` without defining the kernels.

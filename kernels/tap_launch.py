@@ -103,6 +103,15 @@ def checked_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
     return grid
 
 
+def _check_in_sample(c: int, hw: int, strides: tuple[int, int, int], what: str) -> None:
+    """ValueError unless every element of a sample is addressed by a 32-bit offset (the kernels' in-sample
+    index maths); ``what`` names the input."""
+    _, sc, sp = strides
+    if (c - 1) * abs(sc) + (hw - 1) * abs(sp) >= 2**31:
+        raise ValueError(f"{what}: a sample of {c} channels x {hw} pixels spans 2^31 elements or more, beyond the "
+                         "fused TAP kernels' 32-bit in-sample offsets; use backend='torch'")
+
+
 def _pixel_strides(shape, stride) -> tuple[int, int, int] | None:
     """(stride_b, stride_c, stride_p) addressing (b, c, p = h * W + w) of a (B, C, H, W) tensor, or None
     if its pixels are not evenly strided (then the caller makes it contiguous)."""
@@ -197,6 +206,7 @@ def _forward_plan(z_shape, z_strides, src_shape, div_hw, kernel_size, norm, d_dt
     copy = strides is None
     if copy:  # the launch makes z contiguous
         strides = (c * h * w, h * w, 1)
+    _check_in_sample(c, h * w, strides, "activations")
     block_c, block_p = _tile(c, h * w, b, target, split_channels=False)
     grid = checked_grid((_cdiv(h * w, block_p), b), "activations")
     _, sh, sw = src_shape
@@ -328,7 +338,9 @@ def _backward_plan(z_shape, z_stride, target):
     b, c, h, w = z_shape
     block_c, block_p = _tile(c, h * w, b, target, split_channels=True)
     grid = checked_grid((_cdiv(h * w, block_p), _cdiv(c, block_c), b), "z")
-    return grid, dict(BLOCK_C=block_c, BLOCK_P=block_p), _pixel_strides(z_shape, z_stride)
+    strides = _pixel_strides(z_shape, z_stride)
+    _check_in_sample(c, h * w, strides or (0, h * w, 1), "z")
+    return grid, dict(BLOCK_C=block_c, BLOCK_P=block_p), strides
 
 
 def tap_grad(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_layers: int,

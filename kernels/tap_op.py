@@ -21,8 +21,8 @@ Two forms:
 
 Memory: autograd saves each Z by reference plus one B x H_l x W_l map per layer (D for "l1", 2 D^2 A for
 "l2sq"), never a copy of Z; the next layer of the network saves the same tensor for its own backward
-anyway. If Z is later modified in place, autograd's version check raises in backward, as for the
-reference. The mask gets no gradient. Inputs are validated at the entry points of this module and of
+anyway. If Z is later modified in place, autograd raises (``TappedModel.forward_tap`` turns that into a
+ValueError naming the tap). The mask gets no gradient. Inputs are validated at the entry points of this module and of
 ``tap_fast`` (``tap_penalty``, ``TappedModel.forward_tap``), never in the launch wrappers.
 """
 # No `from __future__ import annotations`: torch.library infers the op schemas from real annotations.
@@ -146,8 +146,9 @@ class MaskSource:
     ``penalty(z)`` of each targeted layer builds D(M, l) on the fly (``tap_launch.source_kind``): from the
     bin sums the previous layer wrote when its bins nest, else from the mask (max-pooled on the fly for
     small bins, or once at input resolution for large ones), so the mask is read once for a ResNet at
-    224 x 224. With
-    ``compound`` (released code) each layer's D is the max-pool and average pool of the previous layer's D.
+    224 x 224. With ``compound`` (released code) each layer's D is the max-pool and average pool of the
+    previous layer's D, in the order the layers run: ``tap_names``' order for the presets (a tap that runs
+    twice, or out of that order, chains differently from the reference).
     Does not check the mask's values (a host sync): check them once per data set.
     """
 
@@ -194,7 +195,7 @@ def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], ke
     """Triton twin of ``tap_fast.masks.downscale_masks`` (eq. 7), bit-identical for fp32 masks.
 
     mask: (B, 1, H, W) or (B, H, W); returns one (B, H_l, W_l) map per size, in the mask's dtype for
-    fp32/fp16/bf16 masks and fp32 otherwise. One launch per size (the max-pool is done on the fly).
+    fp32/fp16/bf16 masks and fp32 otherwise. One max-pool launch at input resolution, then one per size.
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
         raise ValueError(f"mask must have shape (B, 1, H, W) or (B, H, W), got {getattr(mask, 'shape', mask)}")

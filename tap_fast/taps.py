@@ -86,12 +86,27 @@ class TappedModel(nn.Module):
         state.norm, state.identity = norm, identity
         state.penalties.clear()
         try:
-            logits = self.model(x)
+            try:
+                logits = self.model(x)
+            except RuntimeError as e:  # the identity form's output (a view of Z) modified in place
+                if "modified inplace" not in str(e):
+                    raise
+                last = repr(list(state.versions)[-1]) if state.versions else "(unknown)"
+                raise ValueError(_INPLACE.format(last)) from e
+            for name, (z, version) in state.versions.items():  # the separate form's saved Z
+                if z._version != version:
+                    raise ValueError(_INPLACE.format(repr(name)))
             penalty = sum(state.penalties[n] for n in self.tap_names) / len(self.tap_names)
         finally:
             state.source = None
             state.penalties.clear()
+            state.versions.clear()
         return logits, penalty
+
+
+_INPLACE = ("the output of tap {} is modified in place later in the forward (e.g. by ReLU(inplace=True)), so TAP "
+            "cannot be computed inside the forward (backend 'triton' / 'identity', or 'auto' on CUDA); tap the "
+            "module that does the in-place operation instead, or use backend='torch'")
 
 
 def fused_tap_ops(t: torch.Tensor, name: str):
@@ -117,6 +132,7 @@ class _TapState:
         self.norm = "l1"
         self.identity = True
         self.penalties: dict[str, torch.Tensor] = {}
+        self.versions: dict[str, tuple[torch.Tensor, int]] = {}  # each tap's Z and its version when tapped
 
 
 class _TapHook:
@@ -139,6 +155,7 @@ class _TapHook:
         if output.shape[0] != source.map.shape[0] or output.shape[-2] > source.hw[0] or output.shape[-1] > source.hw[1]:
             raise ValueError(f"tap {self.name!r} outputs {tuple(output.shape)}: TAP needs the batch of the masks "
                              f"and a spatial size at most theirs, {source.hw}")
+        state.versions[self.name] = (output, output._version)
         if not state.identity:
             state.penalties[self.name] = source.penalty(output, state.norm, identity=False)
             return None

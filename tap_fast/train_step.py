@@ -11,7 +11,8 @@ from tap_fast.tap import BACKENDS as TAP_BACKENDS
 from tap_fast.tap import tap_penalty, triton_available
 
 METHODS = ("none", "tap", "rrr", "rbr")
-# TAP backends of a step: tap_penalty's, and "identity" (TAP inside the forward, TappedModel.forward_tap)
+# TAP backends of a step: "auto", "torch" (tap_penalty after the forward), "triton" and "identity" (the fused
+# kernels inside the forward, TappedModel.forward_tap, separate and identity forms)
 BACKENDS = (*TAP_BACKENDS, "identity")
 
 

@@ -267,6 +267,23 @@ def test_each_layer_gradient_when_the_backward_reaches_it(form, monkeypatch):
     assert order == expected
 
 
+@ON_CPU
+@pytest.mark.parametrize("identity", [True, False])
+def test_forward_tap_refuses_a_tap_modified_in_place(identity):
+    """A tapped output that the model then modifies in place (a conv followed by ReLU(inplace=True)) cannot
+    carry TAP inside the forward: ValueError naming the tap, before any wrong gradient."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(inplace=True),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model = TappedModel(net, ["0"])
+    x, mask = torch.randn(2, 1, 9, 9), (torch.rand(2, 1, 9, 9) < 0.3).float()
+    with pytest.raises(ValueError, match="tap '0' is modified in place"):
+        model.forward_tap(x, mask, identity=identity)
+    assert model._taps.source is None and not model._taps.versions
+    logits, acts = TappedModel(net, ["1"])(x)  # tapping the in-place module works
+    penalty = TappedModel(net, ["1"]).forward_tap(x, mask, identity=identity)[1]
+    torch.testing.assert_close(penalty, tap_penalty_reference(acts, mask), rtol=1e-5, atol=1e-6)
+
+
 def _cnn2(device):
     torch.manual_seed(0)
     model = TappedModel(build_model("cnn2", 10), tap_points("cnn2")).to(device).train()
