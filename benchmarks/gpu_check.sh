@@ -140,6 +140,7 @@ ST=("$PY" benchmarks/step_table.py)
 # identity and compiled training steps in CUDA graphs); call 2 runs the rest of these files' CUDA tests.
 KERNEL_TESTS=(tests/test_kernels.py tests/test_tap_identity_step.py tests/test_compiled_step.py -m gpu)
 SUBSET="(test_penalty_matches_reference and l1 and odd) or (test_identity_form and l1) or test_cuda_graph_capture \
+or (test_benchmark_shapes and l1 and bf16) \
 or (test_forward_tap_matches_reference and resnet18-l1) or (test_train_step_identity_matches_reference and l1) \
 or (test_cuda_graph_identity_step and not inductor) or test_compiled_triton_step_cuda_graphs[l1]"
 

@@ -358,6 +358,29 @@ def test_errors(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device with TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("norm", ["l1", "l2sq"])
+def test_benchmark_shapes(dtype, channels_last, norm, exact_cuda):
+    """The benchmark's shapes (ResNet-18's taps at batch 128, 224 x 224 mask): the list form and the
+    per-layer forms against the reference, value and gradients (tolerances of the module docstring)."""
+    layers = [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
+    zs = _activations(128, layers, "cuda", dtype, channels_last)
+    mask = _mask("random", 128, 224, 224, "cuda")
+    _check_against_reference(zs, mask, norm=norm)
+    ref = tap_penalty_reference(zs, mask, norm=norm)
+    ref_grads = torch.autograd.grad(ref, zs)
+    for identity in (True, False):
+        source = MaskSource(mask)
+        outs = [source.penalty(z, norm, identity=identity) for z in zs]
+        penalty = sum(o[1] if identity else o for o in outs) / len(zs)
+        torch.testing.assert_close(penalty, ref, rtol=1e-5 if dtype == torch.float32 else 1e-4, atol=1e-6)
+        for g, r, z in zip(torch.autograd.grad(penalty, zs), ref_grads, zs):
+            torch.testing.assert_close(g, r, **_tol(z.dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device with TRITON_INTERPRET=0")
 def test_cuda_graph_capture():
     """Forward and backward of the fused op replay from a CUDA graph (no host syncs, static shapes)."""
     zs = _activations(4, [(64, 28, 28), (128, 14, 14)], "cuda", torch.float32, channels_last=False)
