@@ -155,7 +155,8 @@ class _TapHook:
         if output.shape[0] != source.map.shape[0] or output.shape[-2] > source.hw[0] or output.shape[-1] > source.hw[1]:
             raise ValueError(f"tap {self.name!r} outputs {tuple(output.shape)}: TAP needs the batch of the masks "
                              f"and a spatial size at most theirs, {source.hw}")
-        state.versions[self.name] = (output, output._version)
+        if not torch.compiler.is_compiling():  # tracing functionalises in-place ops (and has no versions)
+            state.versions[self.name] = (output, output._version)
         if not state.identity:
             state.penalties[self.name] = source.penalty(output, state.norm, identity=False)
             return None
