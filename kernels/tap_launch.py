@@ -238,8 +238,8 @@ def source_kind(prev_hw: tuple[int, int] | None, hw: tuple[int, int], mask_hw: t
 @functools.lru_cache(maxsize=1024)
 def _call_plan(z_sigs, mask_hw, d_dtype, norm, kernel_size, target, cuda):
     """The launches of one non-compound ``tap_forward`` call, per (shape, stride) signature of its layers:
-    per layer (grid, ints, constexprs, copy z, weight dtype, source kind, source layer, write sums, partials
-    slice); whether the pooled mask is needed; the partial count; the scale 1/(L B)."""
+    per layer (grid, ints, constexprs, copy z, weight dtype, source kind, write sums, partials slice); whether
+    the pooled mask is needed; the partial count; the scale 1/(L B)."""
     kinds = [source_kind(None if i == 0 else z_sigs[i - 1][0][-2:], shape[-2:], mask_hw, kernel_size)
              for i, (shape, _) in enumerate(z_sigs)]
     layers, start = [], 0
@@ -251,7 +251,7 @@ def _call_plan(z_sigs, mask_hw, d_dtype, norm, kernel_size, target, cuda):
                                                  target, cuda)
         n = grid[0] * grid[1]
         wdtype = torch.float32 if norm == "l2sq" else D_TORCH[d_dtype]
-        layers.append((grid, ints, consts, copy, wdtype, kind, i - 1, write_sum, start, start + n))
+        layers.append((grid, ints, consts, copy, wdtype, kind, write_sum, start, start + n))
         start += n
     return tuple(layers), "pooled" in kinds, start, 1.0 / (len(z_sigs) * z_sigs[0][0][0])
 
@@ -275,7 +275,8 @@ def tap_forward(zs: Sequence[torch.Tensor], mask: torch.Tensor, norm: str, kerne
     pooled = downscale(m, m.shape[1:], kernel_size) if needs_pooled else None
     partials = torch.empty(total, device=device, dtype=torch.float32)
     weights, sums = [], None
-    for z, (grid, ints, consts, copy, wdtype, kind, prev, write_sum, a, b) in zip(zs, plan):
+    for z, (grid, ints, consts, copy, wdtype, kind, write_sum, a, b) in zip(zs, plan):
+        # a "sums" layer reads the bin sums the previous layer wrote (its write_sum is set for this)
         if copy:
             z = z.contiguous()
         wmap = torch.empty((z.shape[0], z.shape[2], z.shape[3]), device=device, dtype=wdtype)
