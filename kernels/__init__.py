@@ -14,6 +14,12 @@ import os
 NORMS = ("l1", "l2sq")
 
 
+def check_kernel_size(kernel_size: int) -> None:
+    """ValueError unless ``kernel_size`` (the max-pool window of eq. 7) is a positive odd int."""
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+
+
 def interpreter_enabled() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1/true/on, as Triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from kernels import NORMS, tap_launch
+from kernels import NORMS, check_kernel_size, tap_launch
 
 
 def _pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
@@ -199,8 +199,7 @@ def fused_downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], ke
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
         raise ValueError(f"mask must have shape (B, 1, H, W) or (B, H, W), got {getattr(mask, 'shape', mask)}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    check_kernel_size(kernel_size)
     h, w = mask.shape[-2:]
     pairs = [(int(a), int(b)) for a, b in sizes]
     bad = [p for p in pairs if not (0 < p[0] <= h and 0 < p[1] <= w)]
@@ -245,8 +244,7 @@ def tap_identity(z: torch.Tensor, mask: torch.Tensor, *, kernel_size: int = 3, n
         raise ValueError(f"z must be a floating-point (B, C, H_l, W_l) tensor, got {getattr(z, 'shape', z)}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    check_kernel_size(kernel_size)
     b, _, h, w = z.shape
     shape = tuple(getattr(mask, "shape", ()))
     if not isinstance(mask, torch.Tensor) or len(shape) not in (3, 4) or shape[0] != b or shape[-2] < h \

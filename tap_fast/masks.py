@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels import check_kernel_size  # one definition, shared with kernels/
+
 
 def as_mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """Return ``mask`` as a (B, 1, H, W) tensor; accepts (B, H, W) or (B, 1, H, W)."""
@@ -36,12 +38,6 @@ def check_mask_values(mask: torch.Tensor, *, soft: bool = False, name: str = "ma
         bad = m[(m != 0) & (m != 1)].flatten()[:3].tolist()
         raise ValueError(f"{name} must be binary (0 or 1, 1 = spurious), found values such as {bad}; "
                          "pass soft=True to allow soft masks in [0, 1]")
-
-
-def check_kernel_size(kernel_size: int) -> None:
-    """ValueError unless ``kernel_size`` (the max-pool window of eq. 7) is a positive odd int."""
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
 
 
 def downscale_mask(mask: torch.Tensor, size: Sequence[int], kernel_size: int = 3) -> torch.Tensor:
