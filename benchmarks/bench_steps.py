@@ -1,5 +1,5 @@
 """pytest-benchmark: full training steps (forward, CE + lambda * penalty, backward, SGD) of No XS, TAP,
-RRR and RBR, built by ``tap_fast.bench`` (random pixels with contamination masks, rotating over 4 batches).
+RRR and RBR, built by ``benchmarks/step_table.py`` (random pixels with contamination masks, rotating over 4 batches).
 
     python -m pytest benchmarks/bench_steps.py --benchmark-group-by=param:config -q
 
@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from tap_fast.bench import build_step, make_data, parse_config, row_label
+from step_table import build_step, make_data, parse_config, row_label
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

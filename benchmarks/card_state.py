@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from kernel_table import copy_bandwidth_gbs  # noqa: E402
-from tap_fast.bench import machine  # noqa: E402
+from step_table import machine  # noqa: E402
 
 PARTS = ("environment", "nvidia-smi", "bandwidth")
 QUERY = ("name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,"

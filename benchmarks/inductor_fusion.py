@@ -402,7 +402,7 @@ def make_model_and_batch(arch: str, batch: int, size: int | None, device: str, s
     import torch
 
     from tap_fast.models import build_model, tap_points
-    from tap_fast.taps import TappedModel
+    from tap_fast.tapped_model import TappedModel
 
     size = size or MODELS[arch]
     torch.manual_seed(seed)

@@ -251,7 +251,7 @@ def memory_table(batch, device, dtype_name="fp32", steps=2, emit=print_row, chan
 
     from tap_fast.models import build_model, tap_points
     from tap_fast.tap import tap_penalty
-    from tap_fast.taps import TappedModel
+    from tap_fast.tapped_model import TappedModel
 
     layout = "channels_last" if channels_last else "NCHW"
     fmt = torch.channels_last if channels_last else torch.contiguous_format

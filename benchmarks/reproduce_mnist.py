@@ -1,6 +1,6 @@
 """Reproduce the MNIST rows of Table 9 (ground-truth annotations) and Table 12 (teacher annotations).
 
-Each row is trained for several seeds with ``tap_fast.training.train`` and reported as mean (std) of the
+Each row is trained for several seeds with ``tap_fast.experiments.train`` and reported as mean (std) of the
 final-epoch accuracy on the contaminated, permuted and clean test sets, beside the paper's numbers.
 Writes ``mnist_results.json`` and ``mnist_results.md`` to ``--out-dir`` after every finished (row, seed), and
 checkpoints every run after each epoch in its own folder of ``--run-dir`` (default ``--out-dir``/runs): a killed
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tap_fast.cli import positive_float, positive_int, seed_list, tau_value  # noqa: E402
 from tap_fast.datasets import load_dataset  # noqa: E402
-from tap_fast.training import TrainConfig, save_json, train  # noqa: E402
+from tap_fast.config import TrainConfig  # noqa: E402
+from tap_fast.experiments import save_json, train  # noqa: E402
 
 VARIANTS = ("contaminated", "permuted", "clean")
 # Table 9: accuracy (std) over five runs, ground-truth annotations, two-layer CNN.

@@ -29,7 +29,7 @@ import traceback
 import warnings
 
 PRELOAD = ("numpy", "torch", "torchvision", "triton", "triton.language", "torch._dynamo", "pytest",
-           "tap_fast.bench", "kernels.tap_op")
+           "tap_fast.experiments", "kernels.tap_op")
 CONNECT_WAIT_S = 60  # how long a client waits for a starting server before it runs the step itself
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tap_fast.feeds import normalise
 from tap_fast.input_gradients import input_gradient
 from tap_fast.masks import as_mask_batch
-
-TAUS = (0.01, 0.05, 0.1)
 
 
 def saliency_maps(model: nn.Module, images: torch.Tensor, *, mean: float, std: float,
@@ -28,7 +27,7 @@ def saliency_maps(model: nn.Module, images: torch.Tensor, *, mean: float, std: f
     out = []
     try:
         for i in range(0, images.shape[0], batch_size):
-            x = images[i:i + batch_size].float().div(255.0).sub(mean).div(std).requires_grad_(True)
+            x = normalise(images[i:i + batch_size], mean, std).requires_grad_(True)
             with torch.enable_grad():
                 e = input_gradient(model(x), x).abs().sum(1, keepdim=True)
             peak = e.amax((2, 3), keepdim=True)

@@ -1,7 +1,8 @@
-"""The ``tap-fast`` command line: train, sweep, annotate, demo and bench (also ``python -m tap_fast``).
+"""The ``tap-fast`` command line: train, sweep, annotate and demo (also ``python -m tap_fast``).
 
 ``torchrun --nproc_per_node=N -m tap_fast train ...`` trains data-parallel (DDP); only rank 0 prints and
-writes files.
+writes files. The parser takes its choices from :mod:`tap_fast.choices`, and the engine (torch) is imported
+once the arguments are parsed, so that ``--help`` and argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tap_fast.annotations import TAUS
-from tap_fast.datasets import DATASETS
-from tap_fast.models import ARCHS
-from tap_fast.tap import NORMS
-from tap_fast.train_step import BACKENDS as STEP_BACKENDS
-from tap_fast.train_step import METHODS
-from tap_fast.distributed import env_ranks
-from tap_fast.training import AMP, ANNOTATIONS, TrainConfig, annotate, is_main_process, save_json, sweep, train
+from kernels import NORMS
+from tap_fast.choices import AMP_MODES, ANNOTATIONS, ARCH_NAMES, DATASETS, METHODS, STEP_BACKENDS, TAUS
 
 # The demo: No XS and TAP on the embedded digits (and a Base model on clean digits), sized for a laptop CPU:
 # the decoys are picked up within a few epochs; later the digits are memorised and the contrast shrinks.
@@ -115,7 +110,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=sorted(ARCHS), help="model (default: cnn2 for 28x28 data, resnet18 otherwise)")
+    p.add_argument("--arch", choices=sorted(ARCH_NAMES), help="model (default: cnn2 for 28x28 data, resnet18 otherwise)")
     p.add_argument("--weights", default="auto",
                    help="auto (ImageNet for deep CNNs, none for cnn2), none, imagenet (offline hub cache) or a "
                         "state-dict path")
@@ -143,7 +138,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (methods none and tap; rrr and rbr stay eager)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the whole training step as one CUDA graph")
-    p.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast the step: none (fp32) or bf16")
+    p.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast the step: none (fp32) or bf16")
     p.add_argument("--tap-backend", choices=STEP_BACKENDS, default="auto",
                    help="TAP's kernels (method tap only): auto (identity on CUDA with Triton, else torch), "
                         "torch (PyTorch after the forward), triton or identity (fused Triton kernels inside the "
@@ -156,7 +151,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tap-fast", description="Targeted Activation Penalty (Zhang, Williams, Toni, AAAI 2024) experiments")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sweep,annotate,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sweep,annotate,demo}")
     p = sub.add_parser("train", help="train and evaluate one model (JSON with contaminated/permuted/clean "
                                      "metrics); under torchrun, data-parallel")
     _add_data_args(p)
@@ -182,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="tap_fast_demo.json", help="JSON result file (default: %(default)s)")
-    sub.add_parser("bench", add_help=False, help="step benchmarks (Table 1 setting); `tap-fast bench --help`")
     return parser
 
 
-def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
+def _config(args: argparse.Namespace, **overrides):
+    """The TrainConfig of a command's arguments (``--weights none`` -> None) with ``overrides``."""
+    from tap_fast.config import TrainConfig
+
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     if "weights" in values:
@@ -207,6 +204,8 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def _flag_message(message: str) -> str:
     """Prefix a library error that starts with a config field name with its command-line flag."""
+    from tap_fast.config import TrainConfig
+
     word = message.split(" ", 1)[0]
     if word in {f.name for f in dataclasses.fields(TrainConfig)}:
         return f"argument --{word.replace('_', '-')}: {message}"
@@ -232,6 +231,9 @@ def _mean_record(records: list[dict], metric: str) -> dict:
 
 def run_demo(args: argparse.Namespace) -> dict:
     """The main job: Base, No XS and TAP on contaminated digits, averaged over seeds; print the contrast."""
+    from tap_fast.config import TrainConfig
+    from tap_fast.experiments import train
+
     start = time.perf_counter()
     settings = dict(DEMO_QUICK if args.quick else DEMO)
     if args.epochs is not None:
@@ -259,13 +261,12 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser reads the rest
-        from tap_fast import bench
-        return bench.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_paths(parser, args)
+    from tap_fast.distributed import env_ranks
+    from tap_fast.experiments import annotate, is_main_process, save_json, sweep, train
+
     main_rank = is_main_process()
     try:
         if args.command != "train" and env_ranks()[1] > 1:

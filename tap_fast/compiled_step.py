@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kernels import NORMS
+from tap_fast.choices import METHODS, STEP_BACKENDS
 from tap_fast.distributed import unwrap
-from tap_fast.tap import NORMS
-from tap_fast.taps import TappedModel, fused_tap_ops
-from tap_fast.train_step import BACKENDS, METHODS, train_step
+from tap_fast.tapped_model import TappedModel, fused_tap_ops
+from tap_fast.train_step import train_step
 
 COMPILED_METHODS = ("none", "tap")  # RRR / RBR need double backward, which torch.compile cannot trace
 AMP_DTYPES = (None, torch.bfloat16)
@@ -114,7 +115,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
               explain_in_eval: bool | None = None, backend: str = "auto", compile: bool = False,
               compile_backend: str = "inductor", cuda_graphs: bool = False, amp_dtype: torch.dtype | None = None,
               channels_last: bool = False, warmup_steps: int | None = None) -> TrainStep:
-    """Build the training step for ``model`` (a :class:`~tap_fast.taps.TappedModel`, optionally in DDP).
+    """Build the training step for ``model`` (a :class:`~tap_fast.tapped_model.TappedModel`, optionally in DDP).
 
     Args:
         method, lam, norm, kernel_size, compound, backend: as :func:`~tap_fast.train_step.train_step`
@@ -194,8 +195,8 @@ def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cu
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend must be one of {STEP_BACKENDS}, got {backend!r}")
     if method == "tap" and backend in ("identity", "triton"):
         fused_tap_ops(next(unwrap(model).parameters()), "model")
     if amp_dtype not in AMP_DTYPES:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tap_fast.choices import DATASETS
+
 logger = logging.getLogger(__name__)
 
-DATASETS = ("digits", "mnist", "pneumoniamnist", "pneu", "knee")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 

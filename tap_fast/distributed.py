@@ -110,7 +110,7 @@ def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
 def wrap_ddp(model: nn.Module, ctx: DistContext, *, sync_batchnorm: bool = False) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when ``ctx.enabled``, else ``model`` itself.
 
-    ``model`` (a :class:`~tap_fast.taps.TappedModel` on ``ctx.device``) keeps its forward hooks: DDP calls
+    ``model`` (a :class:`~tap_fast.tapped_model.TappedModel` on ``ctx.device``) keeps its forward hooks: DDP calls
     its forward, which returns (logits, activations). Every parameter reaches the logits, so
     find_unused_parameters stays off. BatchNorm normalises over each rank's share unless ``sync_batchnorm``
     (then over the global batch, as a single process does).

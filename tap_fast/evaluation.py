@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tap_fast.feeds import normalise
+
 METRICS = ("accuracy", "f1", "mae")
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "mae": False}
 
@@ -62,7 +64,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, mean: float, std: 
     was_training = model.training
     model.eval()
     try:
-        out = [model(images[i:i + batch_size].float().div(255.0).sub(mean).div(std))
+        out = [model(normalise(images[i:i + batch_size], mean, std))
                for i in range(0, images.shape[0], batch_size)]
     finally:
         model.train(was_training)

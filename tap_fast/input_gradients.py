@@ -13,29 +13,43 @@ REDUCTIONS = ("mean", "sum")
 
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
     """d/dX of sum_k log_softmax(f(X))_k, the explanation RRR penalises (eq. 4, Ross et al. 2017)."""
+    _check_explained(logits, inputs)
+    return _input_gradient(logits, inputs, create_graph)
+
+
+def _check_explained(logits: torch.Tensor, inputs: torch.Tensor) -> None:
+    """Raise, naming the argument, unless ``inputs`` is a tensor that requires grad and ``logits`` is (B, K)."""
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if not inputs.requires_grad:
         raise ValueError("inputs must require grad and be part of logits' graph: call "
                          "inputs.requires_grad_(True) before the forward pass")
-    if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
         raise ValueError(f"logits must be (B, K) with B = inputs batch size {inputs.shape[0]}, "
-                         f"got {tuple(logits.shape)}")
+                         f"got {getattr(logits, 'shape', type(logits).__name__)}")
+
+
+def _input_gradient(logits: torch.Tensor, inputs: torch.Tensor, create_graph: bool) -> torch.Tensor:
     (grad,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), inputs, create_graph=create_graph)
     return grad
 
 
-def _input_mask(mask: torch.Tensor, inputs: torch.Tensor, soft: bool, validate: bool) -> torch.Tensor:
-    mask = as_mask_batch(mask)
-    if mask.shape[0] != inputs.shape[0] or mask.shape[-2:] != inputs.shape[-2:]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match inputs shape {tuple(inputs.shape)}: "
-                         "expected (B, 1, H, W) with the inputs' B, H, W")
+def _check_penalty_inputs(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, reduction: str,
+                          soft: bool, validate: bool) -> torch.Tensor:
+    """Check the arguments of :func:`rrr_penalty` / :func:`rbr_penalty` (the mask's values if ``validate``);
+    return the mask as (B, 1, H, W) in the inputs' dtype."""
+    _check_explained(logits, inputs)
+    if inputs.dim() != 4:
+        raise ValueError(f"inputs must be a (B, C, H, W) image batch, got shape {tuple(inputs.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    mask = as_mask_batch(mask, batch=inputs.shape[0], size=inputs.shape[-2:])
     if validate:
         check_mask_values(mask, soft=soft)
     return mask.to(inputs.dtype)
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
@@ -51,11 +65,11 @@ def rrr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
             False gives Ross et al.'s plain mask.
         reduction: "mean" over the batch (released TAP code) or "sum" (Ross et al.).
     """
-    m = _input_mask(mask, inputs, soft, validate)
+    m = _check_penalty_inputs(logits, inputs, mask, reduction, soft, validate)
     if normalize_mask:
         area = m.shape[-2] * m.shape[-1]
         m = m * (area / m.sum((1, 2, 3), keepdim=True).clamp_min(1e-12))
-    grad = input_gradient(logits, inputs, create_graph=True)
+    grad = _input_gradient(logits, inputs, True)
     return _reduce((m * grad).square().sum((1, 2, 3)), reduction)
 
 
@@ -69,7 +83,7 @@ def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
     (released code; its lambdas are 1 to 1e9) or "mean". Training through it needs third-order
     derivatives: run BatchNorm models in eval mode for this term.
     """
-    m = _input_mask(mask, inputs, soft, validate)
+    m = _check_penalty_inputs(logits, inputs, mask, reduction, soft, validate)
     if targets.dim() != 1 or targets.shape[0] != inputs.shape[0] or targets.dtype != torch.long:
         raise ValueError(f"targets must be (B,) int64 class indices with B = {inputs.shape[0]}, got shape "
                          f"{tuple(targets.shape)} and dtype {targets.dtype}")
@@ -83,5 +97,5 @@ def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
         raise ValueError("parameters must include parameters of the model that produced logits")
     summed = sum(g.sum() for g in param_grads)
     (influence,) = torch.autograd.grad(summed, inputs, create_graph=True)
-    grad = input_gradient(logits, inputs, create_graph=True)
+    grad = _input_gradient(logits, inputs, True)
     return _reduce((m * influence * grad).square().sum((1, 2, 3)), reduction)

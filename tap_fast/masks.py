@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from kernels import check_kernel_size  # one definition, shared with kernels/
 
 
-def as_mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """Return ``mask`` as a (B, 1, H, W) tensor; accepts (B, H, W) or (B, 1, H, W)."""
+def as_mask_batch(mask: torch.Tensor, name: str = "mask", *, batch: int | None = None,
+                  size: Sequence[int] | None = None) -> torch.Tensor:
+    """Return ``mask`` as a (B, 1, H, W) tensor; accepts (B, H, W) or (B, 1, H, W). Given the input's
+    ``batch`` size and spatial ``size`` (H, W), refuses masks of another B or (H, W)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() == 3:
@@ -19,6 +21,11 @@ def as_mask_batch(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
     if mask.shape[0] == 0 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(mask.shape)}")
+    if batch is not None and mask.shape[0] != batch:
+        raise ValueError(f"{name} must have the input's batch size {batch}, got shape {tuple(mask.shape)}")
+    if size is not None and tuple(mask.shape[-2:]) != tuple(size):
+        raise ValueError(f"{name} must be at the input's resolution (H, W) = {tuple(size)}, got shape "
+                         f"{tuple(mask.shape)}")
     return mask
 
 
@@ -56,29 +63,48 @@ def downscale_mask(mask: torch.Tensor, size: Sequence[int], kernel_size: int = 3
     """
     mask = as_mask_batch(mask)
     check_kernel_size(kernel_size)
-    h_l, w_l = (int(s) for s in size)
-    if not (0 < h_l <= mask.shape[-2] and 0 < w_l <= mask.shape[-1]):
-        raise ValueError(f"size must lie in [1, mask size]: got {(h_l, w_l)} for mask size "
-                         f"{tuple(mask.shape[-2:])}")
-    m = mask if mask.is_floating_point() else mask.float()
-    if kernel_size > 1:
-        m = F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2)
-    return F.adaptive_avg_pool2d(m, (h_l, w_l))[:, 0]
+    (size,) = _check_sizes(mask, [size], "size")
+    return _downscale_masks(mask, [size], kernel_size, compound=False)[0]
 
 
 def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int = 3,
                     compound: bool = False) -> list[torch.Tensor]:
-    """D(M, l) for each layer size. ``compound=True`` follows the released code: layer l's mask is
-    downscaled from layer l-1's, so the max-pool is applied again at every layer; otherwise the max-pool,
-    the same for every layer, is computed once."""
-    out, prev = [], as_mask_batch(mask)
+    """D(M, l) (eq. 7) for each layer size, as :func:`downscale_mask` gives it. ``compound=True`` follows the
+    released code: layer l's mask is downscaled from layer l-1's, so the max-pool is applied again at every
+    layer; otherwise the max-pool, the same for every layer, is computed once."""
+    mask = as_mask_batch(mask)
+    check_kernel_size(kernel_size)
+    return _downscale_masks(mask, _check_sizes(mask, sizes, "sizes", compound), kernel_size, compound)
+
+
+def _check_sizes(mask: torch.Tensor, sizes: Sequence[Sequence[int]], name: str,
+                 compound: bool = False) -> list[tuple[int, int]]:
+    """``sizes`` as int pairs, each in [1, the mask's (H, W)] (with ``compound``, the previous size's)."""
+    pairs, bound = [(int(h), int(w)) for h, w in sizes], tuple(mask.shape[-2:])
+    for i, p in enumerate(pairs):
+        if not (0 < p[0] <= bound[0] and 0 < p[1] <= bound[1]):
+            what = f"the previous size {bound} (compound=True)" if compound and i else f"the mask size {bound}"
+            raise ValueError(f"{name} must lie in [1, {what}]: got {p}")
+        if compound:
+            bound = p
+    return pairs
+
+
+def _max_pool(mask: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """MaxPool_k of eq. 7 (stride 1, 'same' padding) of a checked (B, 1, H, W) mask, as floats."""
+    m = mask if mask.is_floating_point() else mask.float()
+    return F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2) if kernel_size > 1 else m
+
+
+def _downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int,
+                     compound: bool) -> list[torch.Tensor]:
+    """:func:`downscale_masks` of a checked (B, 1, H, W) mask and sizes within it (``tap_penalty`` checks
+    them once)."""
     if not compound:
-        check_kernel_size(kernel_size)
-        m = prev if prev.is_floating_point() else prev.float()
-        if kernel_size > 1:
-            m = F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2)
-        return [downscale_mask(m, size, kernel_size=1) for size in sizes]
+        pooled = _max_pool(mask, kernel_size)
+        return [F.adaptive_avg_pool2d(pooled, size)[:, 0] for size in sizes]
+    out, prev = [], mask
     for size in sizes:
-        prev = downscale_mask(prev, size, kernel_size)
-        out.append(prev)
+        prev = F.adaptive_avg_pool2d(_max_pool(prev, kernel_size), size)
+        out.append(prev[:, 0])
     return out

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from tap_fast.choices import ARCH_NAMES
+
 
 class TwoLayerCNN(nn.Module):
     """Appendix B / released code: conv(100,3,p1)-ReLU-MaxPool2 [tap] -> conv(100,3,p0)-ReLU-MaxPool2 [tap]
@@ -44,22 +46,20 @@ class Arch:
 
 # Tap points: the paper's choices; for EfficientNet-B0 and MobileNet-v2 (Appendix H, "4 evenly spaced
 # stages") the last stage at each of the strides 4, 8, 16, 32, mirroring ResNet-18's four stages.
-ARCHS: dict[str, Arch] = {
-    "cnn2": Arch(TwoLayerCNN, ("pool1", "pool2"), "conv1", "fc"),
-    "vgg16": Arch(torchvision.models.vgg16, ("features.4", "features.9", "features.16", "features.23",
-                                             "features.30"), "features.0", "classifier.6", "VGG16_Weights"),
-    "resnet18": Arch(torchvision.models.resnet18, ("layer1", "layer2", "layer3", "layer4"), "conv1", "fc",
-                     "ResNet18_Weights"),
-    "densenet121": Arch(torchvision.models.densenet121, ("features.denseblock1", "features.denseblock2",
-                                                         "features.denseblock3", "features.denseblock4"),
-                        "features.conv0", "classifier", "DenseNet121_Weights"),
-    "efficientnet_b0": Arch(torchvision.models.efficientnet_b0, ("features.2", "features.3", "features.5",
-                                                                 "features.7"),
-                            "features.0.0", "classifier.1", "EfficientNet_B0_Weights"),
-    "mobilenet_v2": Arch(torchvision.models.mobilenet_v2, ("features.3", "features.6", "features.13",
-                                                           "features.17"),
-                         "features.0.0", "classifier.1", "MobileNet_V2_Weights"),
-}
+# In the order of ARCH_NAMES: cnn2, vgg16, resnet18, densenet121, efficientnet_b0, mobilenet_v2.
+ARCHS: dict[str, Arch] = dict(zip(ARCH_NAMES, (
+    Arch(TwoLayerCNN, ("pool1", "pool2"), "conv1", "fc"),
+    Arch(torchvision.models.vgg16, ("features.4", "features.9", "features.16", "features.23", "features.30"),
+         "features.0", "classifier.6", "VGG16_Weights"),
+    Arch(torchvision.models.resnet18, ("layer1", "layer2", "layer3", "layer4"), "conv1", "fc", "ResNet18_Weights"),
+    Arch(torchvision.models.densenet121, ("features.denseblock1", "features.denseblock2", "features.denseblock3",
+                                          "features.denseblock4"), "features.conv0", "classifier",
+         "DenseNet121_Weights"),
+    Arch(torchvision.models.efficientnet_b0, ("features.2", "features.3", "features.5", "features.7"),
+         "features.0.0", "classifier.1", "EfficientNet_B0_Weights"),
+    Arch(torchvision.models.mobilenet_v2, ("features.3", "features.6", "features.13", "features.17"),
+         "features.0.0", "classifier.1", "MobileNet_V2_Weights"),
+), strict=True))
 
 
 def tap_points(arch: str) -> tuple[str, ...]:

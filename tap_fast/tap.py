@@ -5,15 +5,16 @@ from collections.abc import Sequence
 
 import torch
 
-# kernels/__init__ imports neither triton nor tap_fast: the one definition of these, shared with kernels/
-from kernels import NORMS, interpreter_enabled  # noqa: F401
-from tap_fast.masks import as_mask_batch, check_kernel_size, check_mask_values, downscale_masks
+# kernels/__init__ imports neither triton nor tap_fast: the one definition of NORMS, shared with kernels/
+from kernels import NORMS
+from tap_fast.choices import TAP_BACKENDS as BACKENDS
+from tap_fast.masks import _downscale_masks, as_mask_batch, check_kernel_size, check_mask_values
 
-BACKENDS = ("auto", "torch", "triton")
 
-
-def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, norm: str) -> torch.Tensor:
-    """Validate the arguments of :func:`tap_penalty`; return the mask as (B, 1, H, W)."""
+def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, norm: str, kernel_size: int,
+                     compound: bool, input_size: Sequence[int] | None = None) -> torch.Tensor:
+    """Validate the arguments of :func:`tap_penalty` (all but the mask's values); return the mask as
+    (B, 1, H, W)."""
     if isinstance(activations, torch.Tensor) or not isinstance(activations, (list, tuple)):
         raise TypeError("activations must be a list or tuple of (B, C_l, H_l, W_l) tensors, got "
                         f"{type(activations).__name__}")
@@ -21,7 +22,12 @@ def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, no
         raise ValueError("activations must hold at least one (B, C_l, H_l, W_l) tensor, got an empty list")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    mask = as_mask_batch(mask)
+    check_kernel_size(kernel_size)
+    if input_size is not None and not (
+            isinstance(input_size, (tuple, list)) and len(input_size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_size)):
+        raise ValueError(f"input_size must be the input's (H, W), two positive ints, got {input_size!r}")
+    mask = as_mask_batch(mask, size=input_size)
     for i, a in enumerate(activations):
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
@@ -34,6 +40,10 @@ def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, no
         if a.shape[-2] > mask.shape[-2] or a.shape[-1] > mask.shape[-1]:
             raise ValueError(f"activations[{i}] spatial size {tuple(a.shape[-2:])} exceeds the mask size "
                              f"{tuple(mask.shape[-2:])}: mask must be at input resolution")
+        prev = tuple(activations[i - 1].shape[-2:]) if compound and i else None
+        if prev is not None and (a.shape[-2] > prev[0] or a.shape[-1] > prev[1]):
+            raise ValueError(f"activations[{i}] spatial size {tuple(a.shape[-2:])} exceeds activations[{i - 1}]'s "
+                             f"{prev}: compound=True downscales each layer's mask from the previous layer's")
         if a.device != mask.device:
             raise ValueError(f"mask is on {mask.device} but activations[{i}] is on {a.device}")
     return mask
@@ -46,12 +56,18 @@ def tap_penalty_reference(activations: Sequence[torch.Tensor], mask: torch.Tenso
     f is |.| for norm="l1" (the paper) and (.)^2 for "l2sq" (the released code). Accumulates in fp32.
     relu(Z) is written where(Z <= 0, 0, Z), with the same values and gradient: when Z is a ReLU's output,
     Z <= 0 is the mask that ReLU's own backward uses, so under torch.compile the two share one saved mask
-    and TAP's gradient fuses into that backward (measured in benchmarks/inductor_fusion.py).
+    and TAP's gradient fuses into that backward (measured in benchmarks/inductor_fusion.py). Checks shapes
+    as :func:`tap_penalty` does, not the mask's values.
     """
-    mask = as_mask_batch(mask)
-    sizes = [a.shape[-2:] for a in activations]
+    mask = check_tap_inputs(activations, mask, norm, kernel_size, compound)
+    return _reference(activations, mask, kernel_size, norm, compound)
+
+
+def _reference(activations: Sequence[torch.Tensor], mask: torch.Tensor, kernel_size: int, norm: str,
+               compound: bool) -> torch.Tensor:
+    """:func:`tap_penalty_reference` of checked inputs (``mask`` (B, 1, H, W))."""
     total = None
-    for z, d in zip(activations, downscale_masks(mask, sizes, kernel_size, compound)):
+    for z, d in zip(activations, _downscale_masks(mask, [a.shape[-2:] for a in activations], kernel_size, compound)):
         a_map = torch.where(z <= 0, 0, z).sum(1, dtype=torch.float32)  # eq. 6
         x = d.float() * a_map
         per_sample = (x if norm == "l1" else x.square()).sum((1, 2))
@@ -61,7 +77,7 @@ def tap_penalty_reference(activations: Sequence[torch.Tensor], mask: torch.Tenso
 
 def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kernel_size: int = 3,
                 norm: str = "l1", compound: bool = False, soft: bool = False, validate: bool = True,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", input_size: Sequence[int] | None = None) -> torch.Tensor:
     """TAP, eq. 8: the batch mean over samples of (1/L) sum_l || D(M,l) * sum_c relu(Z^l_c) ||.
 
     Args:
@@ -75,19 +91,20 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
             after validating the data once.
         backend: "torch" (reference), "triton" (fused kernel, CUDA or TRITON_INTERPRET=1), or "auto"
             (Triton on CUDA tensors when available, else the reference).
+        input_size: the model input's (H, W): the mask must have exactly that size (``TappedModel`` and the
+            training step pass it); None only asks that it be at least each activation's.
     Returns:
         fp32 scalar tensor.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mask = check_tap_inputs(activations, mask, norm)
-    check_kernel_size(kernel_size)
+    mask = check_tap_inputs(activations, mask, norm, kernel_size, compound, input_size)
     if validate:
         check_mask_values(mask, soft=soft)
     if backend == "auto":
         backend = "triton" if mask.is_cuda and triton_available() else "torch"
     if backend == "torch":
-        return tap_penalty_reference(activations, mask, kernel_size=kernel_size, norm=norm, compound=compound)
+        return _reference(activations, mask, kernel_size, norm, compound)
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed; "
                          "use backend='torch' or 'auto'")

@@ -5,15 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tap_fast.choices import METHODS
 from tap_fast.feeds import normalise
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
-from tap_fast.tap import BACKENDS as TAP_BACKENDS
 from tap_fast.tap import tap_penalty, triton_available
-
-METHODS = ("none", "tap", "rrr", "rbr")
-# TAP backends of a step: "auto", "torch" (tap_penalty after the forward), "triton" and "identity" (the fused
-# kernels inside the forward, TappedModel.forward_tap, separate and identity forms)
-BACKENDS = (*TAP_BACKENDS, "identity")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -23,18 +18,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     """Take one step on a batch and return detached (loss, task_loss, penalty) device scalars.
 
     Args:
-        model: a :class:`~tap_fast.taps.TappedModel` (forward returns ``(logits, activations)``), in train mode.
+        model: a :class:`~tap_fast.tapped_model.TappedModel` (forward returns ``(logits, activations)``), in train mode.
         images: (B, C, H, W) uint8 batch on the model's device; normalised here by :func:`~tap_fast.feeds.normalise`.
         labels: (B,) int64 class indices.
-        masks: (B, 1, H, W) binary annotation masks (1 = spurious), validated once per data set beforehand;
-            unused (may be None) for method "none".
+        masks: (B, 1, H, W) binary annotation masks (1 = spurious) at the images' H, W (checked here; their
+            values are validated once per data set beforehand); unused (may be None) for method "none".
         method: "none" (cross-entropy only), "tap" (eq. 8), "rrr" (eq. 4, released code's per-sample mask
             rescaling and batch mean) or "rbr" (identity-Hessian RBR, summed over the batch).
         lam: lambda of eq. 3.
         norm, kernel_size, compound: passed to :func:`~tap_fast.tap.tap_penalty`.
         backend: TAP's implementation. "torch": the reference (:func:`~tap_fast.tap.tap_penalty`) after the
             forward; "triton" / "identity": the fused kernels inside the forward, one node per layer, in the
-            separate / identity form (:meth:`~tap_fast.taps.TappedModel.forward_tap`; Triton on CUDA, or
+            separate / identity form (:meth:`~tap_fast.tapped_model.TappedModel.forward_tap`; Triton on CUDA, or
             TRITON_INTERPRET=1 on the CPU), so the backward holds one layer's dZ at a time; "auto": "identity"
             on CUDA with Triton installed (the fewest memory transfers), "torch" elsewhere.
         explain_in_eval: compute the RRR / RBR term from a second forward pass in eval mode, as the released
@@ -63,7 +58,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         pass  # the penalty came with the logits
     elif method == "tap":
         penalty = tap_penalty(activations, masks, kernel_size=kernel_size, norm=norm, compound=compound,
-                              validate=False, backend=backend)
+                              validate=False, backend=backend, input_size=tuple(x.shape[-2:]))
     elif method in ("rrr", "rbr"):
         x_explained, logits_explained = x, logits
         if explain_in_eval:

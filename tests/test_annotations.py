@@ -4,7 +4,9 @@ import torch
 import torch.nn as nn
 
 from tap_fast.annotations import annotation_quality, random_masks, saliency_maps, threshold_saliency
-from tap_fast.training import TrainConfig, annotate, load, prepare, resolve
+from tap_fast.config import TrainConfig, resolve
+from tap_fast.experiments import annotate
+from tap_fast.preparation import load, prepare
 
 
 def _tiny_model():
@@ -105,12 +107,12 @@ def test_annotation_masks_are_cached_in_run_dir(tmp_path, monkeypatch):
     cfg = resolve(config, ds)
     first = prepare(cfg, ds)
     assert (tmp_path / "annotations.pt").is_file()
-    import tap_fast.training as training
+    import tap_fast.preparation as preparation
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was trained again although the masks were cached")
 
-    monkeypatch.setattr(training, "train_teacher", no_teacher)
+    monkeypatch.setattr(preparation, "train_teacher", no_teacher)
     second = prepare(cfg, ds)
     assert torch.equal(first.train_masks, second.train_masks)
     assert second.annotation_info == first.annotation_info

@@ -1,10 +1,12 @@
-"""`tap-fast bench` checks its arguments up front: a bad one exits through argparse (code 2) naming the flag,
+"""benchmarks/step_table.py checks its arguments up front: a bad one exits through argparse (code 2) naming the flag,
 before any model is built or a device is touched."""
 import pytest
 import torch
 
-from tap_fast import bench
-from tap_fast.cli import main as cli_main
+from bench_scripts import load_script
+from tap_fast.config import resolve_device
+
+step_table = load_script("step_table")
 
 
 @pytest.mark.parametrize("argv,named", [
@@ -29,28 +31,21 @@ from tap_fast.cli import main as cli_main
 def test_bad_bench_arguments_exit_2_naming_the_flag(argv, named, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "--device cuda" on a GPU-less machine
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args(argv)
+        step_table.parse_args(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and named in err, err
     assert "Traceback" not in err
 
 
-def test_cli_bench_exits_2_on_a_bad_device(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(["bench", "--device", "foo", "--configs", "cnn2@28:4"])
-    assert exc.value.code == 2 and "--device" in capsys.readouterr().err
-
-
 def test_parse_args_resolves_the_device_and_keeps_valid_values(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = bench.parse_args(["--warmup", "0", "--rounds", "3", "--mnist-n", "256", "--time-budget", "2.5"])
+    args = step_table.parse_args(["--warmup", "0", "--rounds", "3", "--mnist-n", "256", "--time-budget", "2.5"])
     assert args.device == torch.device("cpu")  # "auto" without CUDA
     assert (args.warmup, args.rounds, args.mnist_n, args.time_budget) == (0, 3, 256, 2.5)
-    assert bench.parse_args(["--device", "cpu"]).device == torch.device("cpu")
+    assert step_table.parse_args(["--device", "cpu"]).device == torch.device("cpu")
 
 
 def test_resolve_device_rejects_a_missing_cuda_index(monkeypatch):
-    from tap_fast.training import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("cuda:0") == torch.device("cuda:0")
@@ -60,4 +55,4 @@ def test_resolve_device_rejects_a_missing_cuda_index(monkeypatch):
 
 def test_mnist_protocol_needs_a_full_batch():
     with pytest.raises(ValueError, match="n_train .*at least batch"):
-        bench.mnist_protocol(torch.device("cpu"), epochs=1, n_train=10, batch=16)
+        step_table.mnist_protocol(torch.device("cpu"), epochs=1, n_train=10, batch=16)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bench_scripts import load_script
-from tap_fast import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 check_targets = load_script("check_targets")
+step_table = load_script("step_table")
 FLOOR, COPY = 3.2e8, 4000.0  # 80% of the copy bandwidth over this floor: 0.1 ms
 
 
@@ -141,7 +141,7 @@ def test_real_records_end_to_end(tmp_path):
     assert [r["step"] for r in kernels if r["table"] == "memory"] == ["none", "triton", "separate", "identity", "torch"]
     for rec in timed:
         rec.update(model="resnet18", batch=128, dtype="bf16")
-    bench.main(["--device", "cpu", "--configs", "cnn2@28:4", "--rows", "none,tap,rrr,rbr", "--rounds", "2",
+    step_table.main(["--device", "cpu", "--configs", "cnn2@28:4", "--rows", "none,tap,rrr,rbr", "--rounds", "2",
                 "--warmup", "1", "--dtypes", "fp32", "--out", str(tmp_path / "steps_1")])
     steps = json.loads((tmp_path / "steps_1" / "steps.json").read_text())
     largest = [{**r, "config": "resnet18@224:max", "arch": "resnet18", "size": 224, "dtype": "bf16"} for r in steps]

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from step_batches import uint8_batches
 from tap_fast.compiled_step import make_step, rbr_scale, uses_batchnorm
 from tap_fast.models import build_model, tap_points
-from tap_fast.taps import TappedModel
+from tap_fast.tapped_model import TappedModel
 from tap_fast.train_step import train_step
 
 MEAN, STD = 0.1307, 0.3081

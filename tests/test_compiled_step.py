@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tap_fast.models import build_model, tap_points
 from tap_fast.tap import tap_penalty
-from tap_fast.taps import TappedModel
+from tap_fast.tapped_model import TappedModel
 
 LAMBDA = 0.05
 STEPS = 3
@@ -126,3 +126,23 @@ def test_compiled_triton_step_cuda_graphs(norm, exact_cuda):
     results = _eager_and_compiled("cuda", "triton", norm, {"mode": "reduce-overhead"}, eager_backend="torch")
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     _assert_same(*results)
+
+
+def test_compiled_step_refuses_masks_not_at_the_images_size():
+    """The size check runs while dynamo traces the step (shapes are static), so the compiled step refuses a
+    mask that is not the images' H x W, as the eager one does."""
+    from tap_fast.compiled_step import make_step
+
+    torch.manual_seed(0)
+    model = TappedModel(build_model("cnn2", 10), tap_points("cnn2")).train()
+    step = make_step(model, torch.optim.SGD(model.parameters(), lr=0.01), method="tap", lam=0.1, mean=0.1, std=0.3,
+                     compile=True, compile_backend="eager")
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (2,), generator=g)
+    masks = (torch.rand(2, 1, 30, 30, generator=g) < 0.3).float()
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"mask must be at the input's resolution \(H, W\) = \(28, 28\)"):
+        step(images, labels, masks)
+    loss, _, penalty = step(images, labels, masks[..., 1:29, 1:29])
+    assert torch.isfinite(loss) and penalty > 0

@@ -20,7 +20,7 @@ from tap_fast import distributed as D
 from tap_fast.compiled_step import make_step
 from tap_fast.feeds import epoch_order
 from tap_fast.models import build_model, tap_points
-from tap_fast.taps import TappedModel
+from tap_fast.tapped_model import TappedModel
 
 GLOBAL_BATCH, N, EPOCHS, SEED = 8, 34, 2, 3  # 34 % 8 = 2 samples dropped per epoch; 4 steps per epoch
 METHODS = {"tap": 1e-3, "rrr": 1e-3, "rbr": 5.0}

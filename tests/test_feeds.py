@@ -219,7 +219,7 @@ def test_uint8_feed_drives_the_training_step():
 
     from tap_fast.compiled_step import make_step
     from tap_fast.models import build_model, tap_points
-    from tap_fast.taps import TappedModel
+    from tap_fast.tapped_model import TappedModel
 
     images, labels = make_set(24, 28, 28, 10)
     feed = feed_for(images, labels, "decoy", 10, batch_size=8, mean=None, std=None)

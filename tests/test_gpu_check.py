@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench_scripts import load_script
-from tap_fast import bench
+
+step_table = load_script("step_table")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -28,7 +29,8 @@ V1_PLAN = ["environment", "tests_kernels", "kernels_resnet18", "steps_b16_fp32",
            "steps_b16_bf16", "feeds", "tests_engine", "steps_identity", "kernels_rest", "kernels_l2sq",
            "kernels_channels_last", "mnist_protocol_compiled", "steps_b16_compiled", "steps_max_rest",
            "steps_max_baselines", "bench_kernels", "tests_dali"]
-PARSERS = {"kernel_table.py": lambda: load_script("kernel_table").parse_args, "step_table.py": lambda: bench.parse_args,
+PARSERS = {"kernel_table.py": lambda: load_script("kernel_table").parse_args,
+           "step_table.py": lambda: step_table.parse_args,
            "bench_feeds.py": lambda: load_script("bench_feeds").build_parser().parse_args,
            "card_state.py": lambda: load_script("card_state").build_parser().parse_args}
 
@@ -116,9 +118,10 @@ def test_benchmark_arguments_parse(plans):
 
 
 @pytest.mark.parametrize("parse,argv,named", [
-    (bench.parse_args, ["--configs", "resnet99@224:16"], "--configs: config 'resnet99@224:16': unknown architecture"),
-    (bench.parse_args, ["--rows", "none,tapp"], "--rows: unknown 'tapp'"),
-    (bench.parse_args, ["--mnist-methods", "tap,xs"], "--mnist-methods: unknown 'xs'"),
+    (step_table.parse_args, ["--configs", "resnet99@224:16"],
+     "--configs: config 'resnet99@224:16': unknown architecture"),
+    (step_table.parse_args, ["--rows", "none,tapp"], "--rows: unknown 'tapp'"),
+    (step_table.parse_args, ["--mnist-methods", "tap,xs"], "--mnist-methods: unknown 'xs'"),
     ("kernel_table", ["--skip", "resnet18"], "--skip: expected MODEL:BATCH"),
 ])
 def test_bad_benchmark_arguments_are_named(parse, argv, named, capsys):

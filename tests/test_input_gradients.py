@@ -108,7 +108,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="inputs must require grad"):
         xd = x.detach()
         rrr_penalty(model(xd), xd, mask)
-    with pytest.raises(ValueError, match="mask shape"):
+    with pytest.raises(ValueError, match="mask must have the input's batch size 3"):
         rrr_penalty(model(x), x, mask[:2])
     with pytest.raises(ValueError, match="mask contains NaN"):
         rrr_penalty(model(x), x, mask * float("nan"))
@@ -122,3 +122,30 @@ def test_bad_inputs_name_the_argument():
         rbr_penalty(model(x), x, mask, y.float(), model.parameters())
     with pytest.raises(ValueError, match=r"targets must be \(B,\) int64"):
         rbr_penalty(model(x), x, mask, y[:2], model.parameters())
+
+
+def test_rbr_without_input_grad_raises_as_rrr_does():
+    model = small_net()
+    x, mask, y = data()
+    xd = x.detach()
+    logits = model(xd)
+    with pytest.raises(ValueError) as rrr_error:
+        rrr_penalty(logits, xd, mask)
+    with pytest.raises(ValueError) as rbr_error:
+        rbr_penalty(logits, xd, mask, y, model.parameters())
+    assert str(rbr_error.value) == str(rrr_error.value)
+    assert str(rrr_error.value).startswith("inputs must require grad")
+
+
+@pytest.mark.parametrize("penalty", ["rrr", "rbr"])
+def test_masks_not_at_the_inputs_size_are_refused(penalty):
+    model = small_net()
+    x, mask, y = data()
+    wider = torch.cat([mask, mask[..., :1]], dim=-1)
+    args = (y, model.parameters()) if penalty == "rbr" else ()
+    fn = rbr_penalty if penalty == "rbr" else rrr_penalty
+    with pytest.raises(ValueError, match=r"mask must be at the input's resolution \(H, W\) = \(7, 5\)"):
+        fn(model(x), x, wider, *args)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(model(x), x, mask, *args, reduction="max")
+    assert fn(model(x), x, mask, *args) > 0

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from conftest import SHARED_DATA
-from tap_fast.training import TrainConfig, train
+from tap_fast.config import TrainConfig
+from tap_fast.experiments import train
 
 MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
 # One epoch over 20k images, batch 64, lr 0.05 (about 310 SGD steps). Measured here over seeds 0 / 1 / 2:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import tap_fast.training
+import tap_fast.loop
 from bench_scripts import load_script
 
 reproduce = load_script("reproduce_mnist")
@@ -30,7 +30,7 @@ def tiny(mnist_dir, out_dir, *extra):
 def test_interrupted_run_resumes_without_redoing_finished_pairs(mnist_dir, tmp_path, monkeypatch, capsys):
     """Killed in epoch 2 of the second (row, seed): the JSON keeps the first; --resume skips it and continues
     the second from its epoch-1 checkpoint (one more checkpoint in its folder, not two)."""
-    real_save = tap_fast.training._save_checkpoint
+    real_save = tap_fast.loop.save_checkpoint
     saves = []
 
     def save(path, state):  # checkpoints of every run, in order; the first of Base seed 1 is the kill point
@@ -39,7 +39,7 @@ def test_interrupted_run_resumes_without_redoing_finished_pairs(mnist_dir, tmp_p
         if saves[-1] == ("base/seed1", 1) and interrupt:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tap_fast.training, "_save_checkpoint", save)
+    monkeypatch.setattr(tap_fast.loop, "save_checkpoint", save)
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(tiny(mnist_dir, tmp_path, "--run-dir", str(tmp_path / "runs")))

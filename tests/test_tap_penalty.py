@@ -89,3 +89,42 @@ def test_soft_masks_only_when_asked():
     with pytest.raises(ValueError, match="mask must be binary"):
         tap_penalty(acts, soft)
     assert tap_penalty(acts, soft, soft=True).item() > 0
+
+
+def test_input_size_refuses_masks_of_another_size():
+    """Without input_size a mask only has to be at least each activation's size; with it, exactly the input's."""
+    acts = [torch.randn(2, 3, 7, 7, requires_grad=True), torch.randn(2, 4, 3, 3)]
+    mask = random_mask(2, 14, 12).float()
+    with pytest.raises(ValueError, match=r"mask must be at the input's resolution \(H, W\) = \(14, 14\), got "
+                                         r"shape \(2, 1, 14, 12\)"):
+        tap_penalty(acts, mask, input_size=(14, 14))
+    with pytest.raises(ValueError, match=r"mask must be at the input's resolution \(H, W\) = \(14, 14\)"):
+        tap_penalty(acts, mask[:, 0], input_size=torch.Size([14, 14]), backend="torch")
+    for bad in [(14,), (14, 0), (14.0, 12), (14, True), "14x12"]:
+        with pytest.raises(ValueError, match=r"input_size must be the input's \(H, W\), two positive ints"):
+            tap_penalty(acts, mask, input_size=bad)
+    value = tap_penalty(acts, mask, input_size=(14, 12))
+    assert value > 0 and torch.equal(value, tap_penalty(acts, mask))
+    assert tap_penalty(acts, random_mask(2, 30, 9).float()) > 0  # without input_size: the current checks
+
+
+def test_reference_checks_its_arguments_as_tap_penalty_does():
+    """tap_penalty checks once and runs the reference on trusted inputs; the public reference checks itself."""
+    from tap_fast.tap import tap_penalty_reference
+
+    mask = random_mask(2, 14, 14).float()
+    with pytest.raises(ValueError, match="activations must hold at least one"):
+        tap_penalty_reference([], mask)
+    with pytest.raises(ValueError, match=r"exceeds the mask size \(14, 14\)"):
+        tap_penalty_reference([torch.randn(2, 3, 15, 7)], mask)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        tap_penalty_reference([torch.randn(2, 3, 7, 7)], mask, norm="l2")
+    acts = [torch.randn(2, 3, 7, 7), torch.randn(2, 2, 5, 5)]
+    assert torch.equal(tap_penalty_reference(acts, mask, compound=True), tap_penalty(acts, mask, compound=True))
+    growing = [torch.randn(2, 3, 5, 5), torch.randn(2, 3, 7, 7)]  # compound chains each D from the previous one
+    with pytest.raises(ValueError, match=r"activations\[1\] spatial size \(7, 7\) exceeds activations\[0\]'s "
+                                         r"\(5, 5\): compound=True"):
+        tap_penalty(growing, mask, compound=True)
+    with pytest.raises(ValueError, match=r"sizes must lie in \[1, the previous size \(5, 5\) \(compound=True\)\]"):
+        downscale_masks(mask, [(5, 5), (7, 7)], compound=True)
+    assert tap_penalty(growing, mask) > 0

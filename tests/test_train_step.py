@@ -5,7 +5,7 @@ import torch
 import tap_fast.train_step as train_step_module
 from tap_fast.feeds import normalise
 from tap_fast.models import build_model, tap_points
-from tap_fast.taps import TappedModel
+from tap_fast.tapped_model import TappedModel
 
 MEAN, STD = 0.2, 0.4
 
@@ -34,3 +34,30 @@ def test_train_step_feeds_the_model_feeds_normalise(method, monkeypatch):
     assert torch.equal(images, before)  # the caller's uint8 batch is untouched by the in-place normalisation
     torch.testing.assert_close(seen[0], (before.float() / 255 - MEAN) / STD, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(loss) and (penalty > 0) == (method != "none")  # rrr: the input gradient still flows
+
+
+@pytest.mark.parametrize("method,backend", [("tap", "torch"), ("tap", "identity"), ("rrr", "auto")])
+def test_train_step_refuses_masks_not_at_the_images_size(method, backend):
+    """TAP's mask must be the images' H x W (tap_penalty(input_size=...)), not just at least each tap's."""
+    if backend == "identity":
+        pytest.importorskip("triton")
+        from kernels import interpreter_enabled
+
+        if not interpreter_enabled():
+            pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (2,), generator=g)
+    masks = (torch.rand(2, 1, 32, 30, generator=g) < 0.3).float()
+    net = build_model("cnn2", 10)
+    before = [p.detach().clone() for p in net.parameters()]
+    model, opt = TappedModel(net, tap_points("cnn2")), torch.optim.SGD(net.parameters(), lr=0.1)
+    name = "masks" if backend == "identity" else "mask"
+    with pytest.raises(ValueError, match=rf"{name} must be at the input's resolution \(H, W\) = \(28, 28\), got "
+                                         r"shape \(2, 1, 32, 30\)"):
+        train_step_module.train_step(model, opt, images, labels, masks, method=method, lam=0.5, mean=MEAN, std=STD,
+                                     backend=backend)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    _, _, penalty = train_step_module.train_step(model, opt, images, labels, masks[..., :28, :28], method=method,
+                                                 lam=0.5, mean=MEAN, std=STD, backend=backend)
+    assert penalty > 0

@@ -17,10 +17,12 @@ from tap_fast.feeds import epoch_order
 from tap_fast.input_gradients import rbr_penalty, rrr_penalty
 from tap_fast.models import build_model, tap_points
 from tap_fast.tap import tap_penalty_reference
-from tap_fast.taps import TappedModel
+from tap_fast.tapped_model import TappedModel
 from tap_fast.train_step import train_step
-from tap_fast.training import (TrainConfig, check_config, default_lambda, fit, load, prepare, resolve, sweep,
-                               sweep_lambdas, train)
+from tap_fast.config import TrainConfig, check_config, default_lambda, resolve, sweep_lambdas
+from tap_fast.experiments import sweep, train
+from tap_fast.loop import fit
+from tap_fast.preparation import load, prepare
 
 MEAN, STD = 0.2, 0.4
 

@@ -1,0 +1,13 @@
+"""The names the engine and the ``tap-fast`` command choose from, in one module that imports nothing, so that
+``tap-fast --help`` and argument errors answer without importing torch. TAP's norms are ``kernels.NORMS``
+(kernels/ imports nothing from tap_fast)."""
+
+DATASETS = ("digits", "mnist", "pneumoniamnist", "pneu", "knee")
+ARCH_NAMES = ("cnn2", "vgg16", "resnet18", "densenet121", "efficientnet_b0", "mobilenet_v2")  # models.ARCHS
+METHODS = ("none", "tap", "rrr", "rbr")  # eq. 3's XS penalty: none (No XS / Base), TAP (eq. 8), RRR / RBR (eq. 4)
+TAP_BACKENDS = ("auto", "torch", "triton")  # tap_penalty's: the PyTorch reference or the fused kernels
+# A training step's: also the fused kernels' identity form inside the forward (TappedModel.forward_tap)
+STEP_BACKENDS = (*TAP_BACKENDS, "identity")
+ANNOTATIONS = ("ground-truth", "teacher", "random")  # masks: ground truth, a teacher's (eq. 14) or random
+AMP_MODES = ("none", "bf16")  # autocast of the training step: none (fp32) or bf16
+TAUS = (0.01, 0.05, 0.1)  # Figure 8's thresholds of eq. 14
