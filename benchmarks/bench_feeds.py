@@ -6,7 +6,9 @@ feed (tap_fast.dali_feed.FolderFeed, DALI and torchvision backends), against the
 
 Each feed is timed end to end over whole epochs after one warm-up epoch: index gather, decode, crop-resize,
 contamination, masks and normalisation, synchronised with the device. The folder sets are generated here:
-a KNEE layout of 224x224 PNGs and a PNEU layout of chest-X-ray-sized greyscale JPEGs.
+a KNEE layout of 224x224 PNGs, a PNEU layout of chest-X-ray-sized greyscale JPEGs, and a users' folder of
+odd-sized greyscale PNGs with mask PNGs, read both ways: decoded into memory once (``decode_split``, timed
+on its own) and fed by a DeviceFeed, or streamed by a FolderFeed (the same batches).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tap_fast.dali_feed import FolderFeed, dali_available, folder_split  # noqa: E402
 from tap_fast.datasets import load_dataset  # noqa: E402
 from tap_fast.feeds import DeviceFeed  # noqa: E402
+from tap_fast.folder_dataset import FolderListing, attach_masks, decode_split, list_user_folder  # noqa: E402
 
 LAYOUTS = {  # name: (split folders, class folders, suffix, (min, max) side in px)
     "knee": (("train", "val", "test"), tuple("01234"), ".png", (224, 224)),
@@ -51,6 +54,44 @@ def write_folder(root: Path, name: str, n_train: int, seed: int = 0) -> Path:
                 options = {"quality": 90} if suffix == ".jpeg" else {}
                 Image.fromarray(img).save(folder / f"{k:05d}{suffix}", **options)
     return root
+
+
+USER_SIDES = (200, 320)  # users' folder: (min, max) side in px
+
+
+def write_user_folder(root: Path, n_train: int, seed: int = 0) -> FolderListing:
+    """A users' folder DIR/{train,test}/{a,b}/*.png of about n_train training images with a mask PNG (a
+    rectangle) for every other image; returns its listing with the masks attached."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", 2)):
+        for k in range(n):
+            h, w = (int(v) for v in rng.integers(USER_SIDES[0], USER_SIDES[1] + 1, 2))
+            rel = Path(split) / "ab"[k % 2] / f"{k:05d}.png"
+            for folder in ("data", "masks") if k % 2 else ("data",):
+                (root / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            yy, xx = np.ogrid[0:h, 0:w]
+            img = np.clip(120 + 80 * np.sin(xx / 23.0 + k) * np.cos(yy / 31.0) + rng.normal(0, 12, (h, w)), 0, 255)
+            Image.fromarray(img.astype(np.uint8)).save(root / "data" / rel)
+            if k % 2:
+                mask = np.zeros((h, w), dtype=np.uint8)
+                mask[h // 5: h // 2, w // 4: w // 2] = 255
+                Image.fromarray(mask).save(root / "masks" / rel)
+    listing = list_user_folder(root / "data")
+    attach_masks(listing, root / "masks")
+    return listing
+
+
+def user_feed(listing: FolderListing, backend: str, batch: int, device: torch.device, threads: int):
+    """The training split of a users' folder with its masks and a stripe contamination: "memory" decodes it
+    once into a DeviceFeed, "dali" or "torchvision" streams it through a FolderFeed."""
+    files = [p for p, _ in listing.splits["train"]]
+    labels = torch.tensor([y for _, y in listing.splits["train"]])
+    kw = {"kind": "stripe", "num_classes": 2, "batch_size": batch, "mean": 0.5, "std": 0.25}
+    if backend == "memory":
+        images, _, masks = decode_split(listing, "train", 224, 1, threads=threads)
+        return DeviceFeed(torch.from_numpy(images), labels, masks=torch.from_numpy(masks), device=device, **kw)
+    return FolderFeed(files, labels, masks=[listing.masks.get(p) for p in files], backend=backend,
+                      device_id=(device.index or 0) if device.type == "cuda" else None, num_threads=threads, **kw)
 
 
 def sync(device: torch.device) -> None:
@@ -107,10 +148,13 @@ def folders(tmp_path_factory):
     return {name: write_folder(tmp_path_factory.mktemp(name), name, n) for name in LAYOUTS}
 
 
-@pytest.mark.parametrize("n,size,kind,classes,batch", [(8192, 28, "decoy", 10, 256), (512, 224, "tag", 2, 32)],
-                         ids=["mnist28", "xray224"])
-def test_device_feed(benchmark, n, size, kind, classes, batch):
-    feed = device_feed(n, size, kind, classes, batch, DEVICE)
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory):
+    return write_user_folder(tmp_path_factory.mktemp("user"), 64 if DEVICE.type == "cuda" else 16)
+
+
+def time_epochs(benchmark, feed) -> int:
+    """pytest-benchmark of whole epochs of ``feed`` after one warm-up epoch; returns the images of one."""
     run_epoch(feed)
 
     def epoch():
@@ -118,21 +162,27 @@ def test_device_feed(benchmark, n, size, kind, classes, batch):
         sync(DEVICE)
         return images
 
-    assert benchmark(epoch) == n // batch * batch
+    return benchmark(epoch)
+
+
+@pytest.mark.parametrize("n,size,kind,classes,batch", [(8192, 28, "decoy", 10, 256), (512, 224, "tag", 2, 32)],
+                         ids=["mnist28", "xray224"])
+def test_device_feed(benchmark, n, size, kind, classes, batch):
+    assert time_epochs(benchmark, device_feed(n, size, kind, classes, batch, DEVICE)) == n // batch * batch
 
 
 @pytest.mark.parametrize("backend", folder_backends())
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_folder_feed(benchmark, folders, name, backend):
     feed = folder_feed(folders[name], name, backend, 4, DEVICE, threads=2)
-    run_epoch(feed)
+    assert time_epochs(benchmark, feed) == len(feed) * 4
 
-    def epoch():
-        images = run_epoch(feed)
-        sync(DEVICE)
-        return images
 
-    assert benchmark(epoch) == len(feed) * 4
+@pytest.mark.parametrize("backend", ["memory", *folder_backends()])
+def test_user_folder_feed(benchmark, user_folder, backend):
+    """One users' folder with masks, held in memory (DeviceFeed) or streamed (FolderFeed)."""
+    feed = user_feed(user_folder, backend, 4, DEVICE, threads=2)
+    assert time_epochs(benchmark, feed) == len(feed) * 4
 
 
 # --- markdown table ---------------------------------------------------------------------------------------
@@ -181,6 +231,19 @@ def main(argv=None) -> str:
             ds = load_dataset(name, root)
             n = len(ds.train) + len(ds.val) + len(ds.test)
             add("load_dataset (reference)", data, "Pillow, CPU threads", "-", n / (time.perf_counter() - start))
+        listing = write_user_folder(Path(tmp) / "user", n_folder)
+        data = f"users' folder: {n_folder} PNG {USER_SIDES[0]}-{USER_SIDES[1]} px, half masked, stripe"
+        batch = 32 if n_folder >= 128 else 4
+        start = time.perf_counter()
+        decode_split(listing, "train", 224, 1, threads=args.threads)
+        add("decode_split (into memory)", data, "Pillow, CPU threads", "-",
+            len(listing.splits["train"]) / (time.perf_counter() - start))
+        for backend in ["memory", *folder_backends()]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                feed = user_feed(listing, backend, batch, device, args.threads)
+                add("DeviceFeed" if backend == "memory" else "FolderFeed", data,
+                    "in memory" if backend == "memory" else backend, batch, images_per_s(feed, device, args.epochs))
     header = (f"### Data feeds, images/s ({device}"
               f"{', ' + torch.cuda.get_device_name(device) if gpu else ''}, torch {torch.__version__})\n\n"
               "| feed | data | backend | batch | images/s |\n|---|---|---|---|---|")

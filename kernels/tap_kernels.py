@@ -87,11 +87,12 @@ def downscale_kernel(src_ptr, out_ptr, H, W, HO, WO, max_bin_h, mean_factor,
     tl.store(out_ptr + b * HO * WO + offs, mean.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit(do_not_specialize=["H", "W", "SH", "SW", "MH", "MW", "max_bin_h"])
+@triton.jit(do_not_specialize=["H", "W", "SH", "SW", "MH", "MW", "max_bin_h", "partial_off"])
 def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, sum_ptr, C, HW, H, W, SH, SW, MH, MW, max_bin_h,
-                       mean_factor, stride_zb, stride_zc, stride_zp, K: tl.constexpr, L2SQ: tl.constexpr,
-                       MEAN_MODE: tl.constexpr, BIN_W: tl.constexpr, D_DTYPE: tl.constexpr,
-                       WRITE_SUM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                       mean_factor, stride_zb, stride_zc, stride_zp, src_off, partial_off, w_off, sum_off,
+                       K: tl.constexpr, L2SQ: tl.constexpr, MEAN_MODE: tl.constexpr, BIN_W: tl.constexpr,
+                       D_DTYPE: tl.constexpr, WRITE_SUM: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
     """Partial TAP sums of one layer for BLOCK_P pixels of sample ``program_id(1)``, all C channels.
 
     A = sum_c relu(Z_c) (eq. 6) and D (eq. 7) from the (SH, SW) source map (module docstring: the mask,
@@ -102,6 +103,8 @@ def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, sum_ptr, C, HW, H, W,
     the mask nor A; and with WRITE_SUM the fp32 bin sums S to sum_ptr (B, H, W), from which a coarser
     layer builds its D without reading the mask again. D is rounded to D_DTYPE ("fp32", "fp16" or "bf16":
     the mask's) as the reference stores it. Deterministic: a fixed loop order and tree sums, no atomics.
+    Each map (src, partials, w, sums) starts ``*_off`` elements into its buffer, so that the launch
+    wrappers can pack several into one.
     """
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -116,10 +119,10 @@ def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, sum_ptr, C, HW, H, W,
         acc += tl.maximum(z.to(tl.float32), 0.0)
     a = tl.sum(acc, axis=0)
     i, j = offs_p // W, offs_p % W
-    s = bin_sum(src_ptr + b * SH * SW, i, j, p_ok, SH, SW, H, W, max_bin_h, K, BIN_W, BLOCK_P)
+    s = bin_sum(src_ptr + src_off + b * SH * SW, i, j, p_ok, SH, SW, H, W, max_bin_h, K, BIN_W, BLOCK_P)
     pix = b * HW + offs_p
     if WRITE_SUM:
-        tl.store(sum_ptr + pix, s, mask=p_ok)
+        tl.store(sum_ptr + sum_off + pix, s, mask=p_ok)
     d = bin_divide(s, i, j, MH, MW, H, W, mean_factor, MEAN_MODE)
     if D_DTYPE == "bf16":
         d = d.to(tl.bfloat16).to(tl.float32)
@@ -127,33 +130,35 @@ def tap_forward_kernel(z_ptr, src_ptr, partial_ptr, w_ptr, sum_ptr, C, HW, H, W,
         d = d.to(tl.float16).to(tl.float32)
     x = d * a
     if L2SQ:
-        tl.store(w_ptr + pix, 2.0 * d * x, mask=p_ok)
+        tl.store(w_ptr + w_off + pix, 2.0 * d * x, mask=p_ok)
         x = x * x
     else:
-        tl.store(w_ptr + pix, d.to(w_ptr.dtype.element_ty), mask=p_ok)
-    tl.store(partial_ptr + b * tl.num_programs(0) + pid_p, tl.sum(x, axis=0))
+        tl.store(w_ptr + w_off + pix, d.to(w_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(partial_ptr + partial_off + b * tl.num_programs(0) + pid_p, tl.sum(x, axis=0))
 
 
 @triton.jit
-def scaled_sum_kernel(x_ptr, out_ptr, N, scale, BLOCK: tl.constexpr):
-    """out[0] = scale * sum(x[:N]) in one program: the second, deterministic stage of the reduction."""
+def scaled_sum_kernel(x_ptr, out_ptr, N, scale, x_off, BLOCK: tl.constexpr):
+    """out[0] = scale * sum(x[x_off:x_off + N]) in one program: the second, deterministic stage of the
+    reduction."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+        acc += tl.load(x_ptr + x_off + offs, mask=offs < N, other=0.0)
     tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
 
 
 @triton.jit
 def tap_backward_kernel(z_ptr, w_ptr, g_ptr, gout_ptr, gin_ptr, scale, C, HW,
                         stride_zb, stride_zc, stride_zp, stride_ob, stride_oc, stride_op,
-                        stride_ib, stride_ic, stride_ip,
+                        stride_ib, stride_ic, stride_ip, w_off,
                         HAS_GRAD_OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """grad_Z = g * scale * W * 1[Z > 0] (+ grad_out) on a BLOCK_C x BLOCK_P tile, one pass over Z.
 
-    W is D for "l1" and 2 D^2 A for "l2sq" (B, H, W); g is the incoming gradient of the penalty, read from
-    device memory (no host sync). With HAS_GRAD_OUT the tile of grad_out (the gradient reaching Z from the
-    rest of the network) is added, so the identity form writes the summed gradient once.
+    W is D for "l1" and 2 D^2 A for "l2sq" (B, H, W), ``w_off`` elements into its buffer; g is the incoming
+    gradient of the penalty, read from device memory (no host sync). With HAS_GRAD_OUT the tile of grad_out
+    (the gradient reaching Z from the rest of the network) is added, so the identity form writes the summed
+    gradient once.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -162,7 +167,7 @@ def tap_backward_kernel(z_ptr, w_ptr, g_ptr, gout_ptr, gin_ptr, scale, C, HW,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = offs_p < HW
     ok = (offs_c[:, None] < C) & p_ok[None, :]
-    w = tl.load(w_ptr + b * HW + offs_p, mask=p_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + w_off + b * HW + offs_p, mask=p_ok, other=0.0).to(tl.float32)
     w = w * (tl.load(g_ptr).to(tl.float32) * scale)
     z = tl.load(z_ptr + b * stride_zb + offs_c[:, None] * stride_zc + offs_p[None, :] * stride_zp,
                 mask=ok, other=0.0)

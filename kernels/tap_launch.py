@@ -11,8 +11,13 @@ its D maps first (one launch per layer) and the layers read them as is. The back
 layer, each reading Z once and writing grad_Z once.
 
 Host cost: everything that depends only on shapes, strides, dtypes and the device (block sizes, grids,
-bin bounds, the constexprs) is computed once per signature and cached (``functools.lru_cache``), with plain
-integer maths; per call only the output buffers are allocated and the kernels launched. Inputs are not
+bin bounds, workspace offsets, the kernels' arguments other than pointers) is computed once per signature
+and cached (``functools.lru_cache``), with plain integer maths; per call only the buffers are allocated
+and the kernels launched. The partial sums and bin sums of a call share one fp32 workspace that the
+kernels address by offsets (sections start at multiples of ALIGN elements, so they are aligned as
+separate buffers are); with ``packed`` (the eager autograd Functions of ``tap_op``) the backward weights
+of all layers share one buffer too, and a layer's bin sums are handed on in its workspace; without it
+(the custom ops, whose outputs may not alias) every returned map is a tensor of its own. Inputs are not
 validated here: the public entry points (``tap_fast.tap.tap_penalty``, ``kernels.tap_op``'s functions,
 ``TappedModel.forward_tap``) validate them once.
 
@@ -36,11 +41,16 @@ D_TORCH = {name: dtype for dtype, name in MASK_DTYPES.items()}
 TILE_ELEMENTS = 4096
 RAW_BIN_PIXELS = 16  # see source_kind
 SUM_BLOCK = 4096
+ALIGN = 128  # workspace sections start at multiples of this many elements: 512 bytes in fp32, like CUDA blocks
 MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits on a launch grid's axes 0, 1, 2
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _aligned(n: int) -> int:
+    return _cdiv(n, ALIGN) * ALIGN
 
 
 def _pow2(n: int) -> int:
@@ -50,7 +60,7 @@ def _pow2(n: int) -> int:
 
 def check_launchable(t: torch.Tensor, name: str) -> None:
     """Raise ValueError unless Triton can run on ``t``'s device (CUDA, or any device in the interpreter)."""
-    if t.device.type != "cuda" and not interpreter_enabled():
+    if not t.is_cuda and not interpreter_enabled():
         raise ValueError(f"{name} is on {t.device}: the Triton TAP kernels need CUDA tensors, or "
                          "TRITON_INTERPRET=1 to run them on the CPU (use backend='torch' otherwise)")
 
@@ -62,8 +72,11 @@ def mask_map_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def mask_map(mask: torch.Tensor) -> torch.Tensor:
-    """The (B, 1, H, W) or (B, H, W) mask as the contiguous (B, H, W) map the kernels read, in
-    ``mask_map_dtype``; no copy for a contiguous fp32/fp16/bf16 mask."""
+    """The (B, 1, H, W) or (B, H, W) mask as the kernels read it, contiguous in ``mask_map_dtype``: the mask
+    itself when it is so (a contiguous (B, 1, H, W) tensor is laid out as (B, H, W)) and needs no grad,
+    else a (B, H, W) copy."""
+    if mask.dtype in MASK_DTYPES and mask.is_contiguous() and not mask.requires_grad:
+        return mask
     m = mask[:, 0] if mask.dim() == 4 else mask
     return m.detach().to(mask_map_dtype(m.dtype)).contiguous()
 
@@ -124,14 +137,6 @@ def _pixel_strides(shape, stride) -> tuple[int, int, int] | None:
     return (sb, sc, sw) if sh == w * sw else None
 
 
-def _strided(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    strides = _pixel_strides(t.shape, t.stride())
-    if strides is None:
-        t = t.contiguous()
-        strides = _pixel_strides(t.shape, t.stride())
-    return t, strides
-
-
 @functools.lru_cache(maxsize=1024)
 def _max_bin(n: int, n_out: int) -> int:
     """The largest adaptive-average-pool bin, n inputs into n_out outputs (bins floor(i n / n_out) ..
@@ -157,24 +162,24 @@ def nests(fine: tuple[int, int], coarse: tuple[int, int], mask_hw: tuple[int, in
 
 
 @functools.lru_cache(maxsize=4096)
-def _downscale_plan(b: int, h: int, w: int, ho: int, wo: int, kernel_size: int, target: int, cuda: bool):
+def _downscale_plan(b: int, h: int, w: int, ho: int, wo: int, kernel_size: int, device: torch.device):
     n = ho * wo  # outputs of a sample, one per lane; halve the block (down to a warp) until the grid fills
     block = max(32, min(256, _pow2(n)))  # 256 lanes of 8 warps: no spills at K = 3 with 32-wide bins
+    target = _target_programs(device)
     while block > 32 and b * _cdiv(n, block) < target:
         block //= 2
     grid = checked_grid((_cdiv(n, block), b), "mask")
     consts = dict(K=kernel_size, BLOCK=block, num_warps=block // 32, BIN_W=_max_bin(w, wo),
-                  MEAN_MODE=_mean_mode(ho, wo, cuda))
+                  MEAN_MODE=_mean_mode(ho, wo, device.type == "cuda"))
     return grid, (h, w, ho, wo, _max_bin(h, ho), _mean_factor(b, h, w)), consts
 
 
 def downscale(src: torch.Tensor, size: Sequence[int], kernel_size: int) -> torch.Tensor:
-    """One launch of ``downscale_kernel``: src (B, H, W) contiguous float -> (B, H_l, W_l) in src's dtype."""
-    b, h, w = src.shape
-    ho, wo = size
+    """One launch of ``downscale_kernel``: src (B, [1,] H, W) contiguous float -> (B, H_l, W_l) in src's
+    dtype."""
+    b, (h, w), (ho, wo) = src.shape[0], src.shape[-2:], size
+    grid, ints, consts = _downscale_plan(b, h, w, ho, wo, kernel_size, src.device)
     out = torch.empty((b, ho, wo), device=src.device, dtype=src.dtype)
-    grid, ints, consts = _downscale_plan(b, h, w, ho, wo, kernel_size, _target_programs(src.device),
-                                         src.device.type == "cuda")
     downscale_kernel[grid](src, out, *ints, **consts)
     return out
 
@@ -194,32 +199,38 @@ def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_s
             out.append(src)
         return out
     if kernel_size > 1:
-        src = downscale(src, src.shape[1:], kernel_size)
+        src = downscale(src, src.shape[-2:], kernel_size)
     return [downscale(src, tuple(size), 1) for size in sizes]
 
 
+def _weight_dtype(norm: str, d_dtype: str) -> torch.dtype:
+    return torch.float32 if norm == "l2sq" else D_TORCH[d_dtype]
+
+
 @functools.lru_cache(maxsize=4096)
-def _forward_plan(z_shape, z_strides, src_shape, div_hw, kernel_size, norm, d_dtype, write_sum, target, cuda):
-    """(grid, ints, constexprs, z needs .contiguous()) of one layer's ``tap_forward_kernel`` launch."""
+def _forward_plan(z_shape, z_strides, src_hw, div_hw, kernel_size, norm, d_dtype, write_sum, device):
+    """(grid, ints up to the strides, constexprs in the kernel's order, z needs .contiguous()) of one layer's
+    ``tap_forward_kernel`` launch; the offsets go between the two."""
     b, c, h, w = z_shape
     strides = _pixel_strides(z_shape, z_strides)
     copy = strides is None
     if copy:  # the launch makes z contiguous
         strides = (c * h * w, h * w, 1)
     _check_in_sample(c, h * w, strides, "activations")
-    block_c, block_p = _tile(c, h * w, b, target, split_channels=False)
+    block_c, block_p = _tile(c, h * w, b, _target_programs(device), split_channels=False)
     grid = checked_grid((_cdiv(h * w, block_p), b), "activations")
-    _, sh, sw = src_shape
+    sh, sw = src_hw
     mh, mw = div_hw
     ints = (c, h * w, h, w, sh, sw, mh, mw, _max_bin(sh, h), _mean_factor(b, mh, mw), *strides)
-    consts = dict(K=kernel_size, L2SQ=norm == "l2sq", MEAN_MODE=_mean_mode(h, w, cuda), BIN_W=_max_bin(sw, w),
-                  D_DTYPE=d_dtype, WRITE_SUM=write_sum, BLOCK_C=block_c, BLOCK_P=block_p)
+    # K, L2SQ, MEAN_MODE, BIN_W, D_DTYPE, WRITE_SUM, BLOCK_C, BLOCK_P
+    consts = (kernel_size, norm == "l2sq", _mean_mode(h, w, device.type == "cuda"), _max_bin(sw, w), d_dtype,
+              write_sum, block_c, block_p)
     return grid, ints, consts, copy
 
 
-def _scaled_sum(partials: torch.Tensor, scale: float) -> torch.Tensor:
-    out = torch.empty((), device=partials.device, dtype=torch.float32)
-    scaled_sum_kernel[(1,)](partials, out, partials.numel(), scale, BLOCK=SUM_BLOCK, num_warps=8)
+def _scaled_sum(x: torch.Tensor, n: int, x_off: int, scale: float) -> torch.Tensor:
+    out = x.new_empty(())  # fp32, as x
+    scaled_sum_kernel[(1,)](x, out, n, scale, x_off, BLOCK=SUM_BLOCK, num_warps=8)
     return out
 
 
@@ -236,137 +247,153 @@ def source_kind(prev_hw: tuple[int, int] | None, hw: tuple[int, int], mask_hw: t
 
 
 @functools.lru_cache(maxsize=1024)
-def _call_plan(z_sigs, mask_hw, d_dtype, norm, kernel_size, target, cuda):
-    """The launches of one non-compound ``tap_forward`` call, per (shape, stride) signature of its layers:
-    per layer (grid, ints, constexprs, copy z, weight dtype, source kind, write sums, partials slice); whether
-    the pooled mask is needed; the partial count; the scale 1/(L B)."""
-    kinds = [source_kind(None if i == 0 else z_sigs[i - 1][0][-2:], shape[-2:], mask_hw, kernel_size)
-             for i, (shape, _) in enumerate(z_sigs)]
-    layers, start = [], 0
+def _call_plan(z_sigs, mask_shape, mask_dtype, norm, kernel_size, compound, packed, device):
+    """The launches of one ``tap_forward`` call, per (shape, stride) signature of its layers: (per layer
+    (grid, the arguments after the pointers, copy z, source kind, shape of its own weight map), whether the
+    pooled mask is needed, the partial count, the workspace's size, the weight buffer's size, the weights'
+    dtype, per layer (weight offset, ``_backward_plan``), the scale 1/(L B)). Workspace (fp32): the partials
+    of all layers from 0, then the bin sums each layer writes for the next. Packed, the weights of all
+    layers fill one buffer."""
+    mask_hw, d_dtype = mask_shape[-2:], MASK_DTYPES[mask_dtype]
+    wdtype = _weight_dtype(norm, d_dtype)
+    prev_hws = [None] + [shape[-2:] for shape, _ in z_sigs[:-1]]
+    kinds = ["compound" if compound else source_kind(prev, shape[-2:], mask_hw, kernel_size)
+             for prev, (shape, _) in zip(prev_hws, z_sigs)]
+    write_sums = [kind == "sums" for kind in kinds[1:]] + [False]
+    plans = []
     for i, ((shape, stride), kind) in enumerate(zip(z_sigs, kinds)):
-        src_hw = z_sigs[i - 1][0][-2:] if kind == "sums" else mask_hw
-        write_sum = i + 1 < len(kinds) and kinds[i + 1] == "sums"
-        grid, ints, consts, copy = _forward_plan(shape, stride, (shape[0], *src_hw), mask_hw,
-                                                 kernel_size if kind == "mask" else 1, norm, d_dtype, write_sum,
-                                                 target, cuda)
-        n = grid[0] * grid[1]
-        wdtype = torch.float32 if norm == "l2sq" else D_TORCH[d_dtype]
-        layers.append((grid, ints, consts, copy, wdtype, kind, write_sum, start, start + n))
-        start += n
-    return tuple(layers), "pooled" in kinds, start, 1.0 / (len(z_sigs) * z_sigs[0][0][0])
+        hw = shape[-2:]
+        src_hw = hw if compound else prev_hws[i] if kind == "sums" else mask_hw
+        plans.append(_forward_plan(shape, stride, src_hw, hw if compound else mask_hw,
+                                   kernel_size if kind == "mask" else 1, norm, d_dtype, write_sums[i], device))
+    n_partials = sum(grid[0] * grid[1] for grid, *_ in plans)
+    ws_size, w_size, part_off, sum_off = _aligned(n_partials), 0, 0, 0
+    layers, grads = [], []
+    for (grid, ints, consts, copy), kind, write_sum, (shape, stride) in zip(plans, kinds, write_sums, z_sigs):
+        b, _, h, w = shape
+        n = _aligned(b * h * w)
+        src_off = sum_off if kind == "sums" else 0
+        sum_off = ws_size if write_sum else 0
+        ws_size += n if write_sum else 0
+        w_off = w_size if packed else 0
+        w_size += n if packed else 0
+        layers.append((grid, (*ints, src_off, part_off, w_off, sum_off, *consts), copy, kind, (b, h, w)))
+        grads.append((w_off, _backward_plan(shape, stride, None, len(z_sigs), w_off, device)))
+        part_off += grid[0] * grid[1]
+    return (tuple(layers), "pooled" in kinds, n_partials, ws_size, w_size, wdtype, tuple(grads),
+            1.0 / (len(z_sigs) * z_sigs[0][0][0]))
 
 
-def tap_forward(zs: Sequence[torch.Tensor], mask: torch.Tensor, norm: str, kernel_size: int, compound: bool
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def tap_forward(zs: Sequence[torch.Tensor], mask: torch.Tensor, norm: str, kernel_size: int, compound: bool,
+                packed: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
     """TAP of eq. 8, batch mean: (1/(L B)) sum_l sum_b sum_hw f(D_l * A_l), f = |.| or (.)^2.
 
     zs: L activations (B, C_l, H_l, W_l), any float dtype, contiguous or channels_last (others are made
-    contiguous); mask (B, 1, H, W) or (B, H, W) at input resolution. Returns the fp32 scalar and the
-    per-layer backward weights (B x H_l x W_l each): D ("l1", in ``mask_map_dtype``) or 2 D^2 A ("l2sq",
-    fp32). L + 1 launches (one more where a layer reads the pooled mask; 2L + 1 with compound).
+    contiguous); mask (B, 1, H, W) or (B, H, W) at input resolution. Returns (the fp32 scalar, the
+    backward weights, per layer (the offset of its weights into their buffer, the launch plan of its
+    gradient for :func:`planned_grad`)). The weights, D ("l1", in ``mask_map_dtype``) or 2 D^2 A ("l2sq",
+    fp32), are one (B, H_l, W_l) map per layer, or with ``packed`` a list of one flat buffer holding every
+    layer's. L + 1 launches (one more where a layer reads the pooled mask; 2L + 1 with compound).
     """
     m = mask_map(mask)
     device = m.device
-    if compound:
-        return _compound_forward(zs, m, norm, kernel_size)
-    plan, needs_pooled, total, scale = _call_plan(tuple((tuple(z.shape), z.stride()) for z in zs),
-                                                  tuple(m.shape[1:]), MASK_DTYPES[m.dtype], norm, kernel_size,
-                                                  _target_programs(device), device.type == "cuda")
-    pooled = downscale(m, m.shape[1:], kernel_size) if needs_pooled else None
-    partials = torch.empty(total, device=device, dtype=torch.float32)
-    weights, sums = [], None
-    for z, (grid, ints, consts, copy, wdtype, kind, write_sum, a, b) in zip(zs, plan):
-        # a "sums" layer reads the bin sums the previous layer wrote (its write_sum is set for this)
-        if copy:
-            z = z.contiguous()
-        wmap = torch.empty((z.shape[0], z.shape[2], z.shape[3]), device=device, dtype=wdtype)
-        src = sums if kind == "sums" else pooled if kind == "pooled" else m
-        sums = torch.empty(wmap.shape, device=device, dtype=torch.float32) if write_sum else wmap
-        tap_forward_kernel[grid](z, src, partials[a:b], wmap, sums, *ints, **consts)
-        weights.append(wmap)
-    return _scaled_sum(partials, scale), weights
-
-
-def _compound_forward(zs, m, norm, kernel_size):
-    """tap_forward with compound downscaling: each layer's D map from the previous one's, then the layers."""
-    device, mask_dtype = m.device, MASK_DTYPES[m.dtype]
-    counts = []
-    plans = []
-    for z in zs:
-        plan = _layer_plan(tuple(z.shape), z.stride(), tuple(z.shape[:1] + z.shape[2:]), tuple(z.shape[2:]), 1,
-                           norm, mask_dtype, False, _target_programs(device), device.type == "cuda")
-        plans.append(plan)
-        counts.append(plan[0][0] * plan[0][1])
-    partials = torch.empty(sum(counts), device=device, dtype=torch.float32)
-    weights, d, start = [], m, 0
-    for z, (grid, ints, consts, copy, wdtype), n in zip(zs, plans, counts):
-        d = downscale(d, z.shape[2:], kernel_size)
-        wmap = torch.empty(d.shape, device=device, dtype=wdtype)
-        tap_forward_kernel[grid](z.contiguous() if copy else z, d, partials[start:start + n], wmap, wmap, *ints,
-                                 **consts)
-        weights.append(wmap)
-        start += n
-    return _scaled_sum(partials, 1.0 / (len(zs) * zs[0].shape[0])), weights
+    layers, needs_pooled, n_partials, ws_size, w_size, wdtype, grads, scale = _call_plan(
+        tuple([(z.shape, z.stride()) for z in zs]), m.shape, m.dtype, norm, kernel_size, compound, packed, device)
+    ws = torch.empty(ws_size, device=device, dtype=torch.float32)
+    w = torch.empty(w_size, device=device, dtype=wdtype) if packed else None
+    pooled = downscale(m, m.shape[-2:], kernel_size) if needs_pooled else None
+    weights, d = [w] if packed else [], m
+    for z, (grid, args, copy, kind, w_shape) in zip(zs, layers):
+        if kind == "compound":  # this layer's D, pooled from the previous layer's
+            src = d = downscale(d, z.shape[-2:], kernel_size)
+        else:  # a "sums" layer reads the bin sums the previous layer wrote into the workspace
+            src = ws if kind == "sums" else pooled if kind == "pooled" else m
+        if not packed:
+            w = torch.empty(w_shape, device=device, dtype=wdtype)
+            weights.append(w)
+        tap_forward_kernel[grid](z.contiguous() if copy else z, src, ws, w, ws, *args)
+    return _scaled_sum(ws, n_partials, 0, scale), weights, grads
 
 
 @functools.lru_cache(maxsize=4096)
-def _layer_plan(z_shape, z_stride, src_shape, div_hw, kernel_size, norm, d_dtype, write_sum, target, cuda):
-    grid, ints, consts, copy = _forward_plan(z_shape, z_stride, src_shape, div_hw, kernel_size, norm, d_dtype,
-                                             write_sum, target, cuda)
-    return grid, ints, consts, copy, torch.float32 if norm == "l2sq" else D_TORCH[d_dtype]
+def _layer_plan(z_shape, z_stride, src_hw, div_hw, kernel_size, norm, d_dtype, packed, device):
+    """``tap_layer_forward``'s launch: (grid, the arguments after the pointers, copy z, map shape (packed:
+    flat), weights' dtype, workspace size, the partials' offset and count, the scale 1/B). Workspace (fp32):
+    packed, the bin sums from 0, then the partials; else the partials alone."""
+    grid, ints, consts, copy = _forward_plan(z_shape, z_stride, src_hw, div_hw, kernel_size, norm, d_dtype,
+                                             True, device)
+    b, _, h, w = z_shape
+    part_off = _aligned(b * h * w) if packed else 0
+    n_partials = grid[0] * grid[1]
+    return (grid, (*ints, 0, part_off, 0, 0, *consts), copy, b * h * w if packed else (b, h, w),
+            _weight_dtype(norm, d_dtype), part_off + n_partials, part_off, n_partials, 1.0 / b)
 
 
-def tap_layer_forward(z: torch.Tensor, src: torch.Tensor, div_h: int, div_w: int, kernel_size: int, norm: str,
-                      d_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's TAP, mean_b sum_hw f(D * A), with D = binsum(maxpool_k(src)) / bins of (div_h, div_w)
-    (``tap_kernels``' module docstring). Returns (fp32 penalty, backward weight map, fp32 bin sums S, for
-    a coarser layer to build its D from). Two launches."""
+def tap_layer_forward(z: torch.Tensor, src: torch.Tensor, src_hw: tuple[int, int], div_hw: tuple[int, int],
+                      kernel_size: int, norm: str, d_dtype: str, packed: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's TAP, mean_b sum_hw f(D * A), with D = binsum(maxpool_k(src)) / bins of ``div_hw``
+    (``tap_kernels``' module docstring); src: the (SH, SW) = ``src_hw`` map from its first element. Returns
+    (fp32 penalty, backward weight map, fp32 bin sums S, for a coarser layer to build its D from): (B, H, W)
+    maps of their own, or with ``packed`` a flat weight map and S the first B H W elements of a flat
+    workspace. Two launches."""
     device = z.device
-    grid, ints, consts, copy, wdtype = _layer_plan(tuple(z.shape), z.stride(), tuple(src.shape), (div_h, div_w),
-                                                   kernel_size, norm, d_dtype, True, _target_programs(device),
-                                                   device.type == "cuda")
-    partials = torch.empty(grid[0] * grid[1], device=device, dtype=torch.float32)
-    b, _, h, w = z.shape
-    wmap = torch.empty((b, h, w), device=device, dtype=wdtype)
-    sums = torch.empty((b, h, w), device=device, dtype=torch.float32)
-    tap_forward_kernel[grid](z.contiguous() if copy else z, src, partials, wmap, sums, *ints, **consts)
-    return _scaled_sum(partials, 1.0 / b), wmap, sums
+    grid, args, copy, shape, wdtype, ws_size, part_off, n_partials, scale = _layer_plan(
+        z.shape, z.stride(), src_hw, div_hw, kernel_size, norm, d_dtype, packed, device)
+    ws = torch.empty(ws_size, device=device, dtype=torch.float32)
+    w = torch.empty(shape, device=device, dtype=wdtype)
+    sums = ws if packed else torch.empty(shape, device=device, dtype=torch.float32)
+    tap_forward_kernel[grid](z.contiguous() if copy else z, src, ws, w, sums, *args)
+    return _scaled_sum(ws, n_partials, part_off, scale), w, sums
 
 
 @functools.lru_cache(maxsize=4096)
-def _backward_plan(z_shape, z_stride, target):
-    """(grid, constexprs, Z's pixel strides or None) of one layer's ``tap_backward_kernel`` launch."""
+def _backward_plan(z_shape, z_stride, grad_out_stride, n_layers, w_off, device):
+    """(grid, the arguments after the pointers, copy z, copy grad_out, write through a contiguous buffer) of
+    one layer's ``tap_backward_kernel`` launch; copies are made where pixels are not evenly strided."""
     b, c, h, w = z_shape
-    block_c, block_p = _tile(c, h * w, b, target, split_channels=True)
+    block_c, block_p = _tile(c, h * w, b, _target_programs(device), split_channels=True)
     grid = checked_grid((_cdiv(h * w, block_p), _cdiv(c, block_c), b), "z")
-    strides = _pixel_strides(z_shape, z_stride)
-    _check_in_sample(c, h * w, strides or (0, h * w, 1), "z")
-    return grid, dict(BLOCK_C=block_c, BLOCK_P=block_p), strides
+    z_strides = _pixel_strides(z_shape, z_stride)
+    _check_in_sample(c, h * w, z_strides or (0, h * w, 1), "z")
+    # grad_in = empty_like(z), the layout the fake kernel promises: its strides follow from z's
+    in_strides = _pixel_strides(z_shape, torch.empty_like(torch.empty_strided(z_shape, z_stride, device="meta"))
+                                .stride())
+    has_grad_out = grad_out_stride is not None
+    o_strides = _pixel_strides(z_shape, grad_out_stride) if has_grad_out else (0, 0, 0)  # (0, 0, 0): never read
+    contiguous = (c * h * w, h * w, 1)
+    args = (1.0 / (n_layers * b), c, h * w, *(z_strides or contiguous), *(o_strides or contiguous),
+            *(in_strides or contiguous), w_off, has_grad_out, block_c, block_p)
+    return grid, args, z_strides is None, o_strides is None, in_strides is None
 
 
 def tap_grad(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_layers: int,
-             grad_out: torch.Tensor | None = None) -> torch.Tensor:
+             grad_out: torch.Tensor | None = None, w_off: int = 0) -> torch.Tensor:
     """Gradient of the TAP of ``tap_forward`` with respect to one layer's Z, in one pass over Z:
     g / (n_layers B) * W * 1[Z > 0] (+ grad_out), in Z's dtype and memory format (``empty_like(z)``).
 
     grad_penalty: the incoming gradient g (one value, read on the device); w: the layer's backward weight
-    map (D for "l1", 2 D^2 A for "l2sq"); grad_out: optional gradient of z's shape to add.
+    map (D for "l1", 2 D^2 A for "l2sq"), from ``w_off`` elements into w; grad_out: optional gradient of z's
+    shape to add.
     """
-    grid, consts, z_strides = _backward_plan(tuple(z.shape), z.stride(), _target_programs(z.device))
-    grad_in = torch.empty_like(z)  # the layout the fake (meta) kernel promises
-    if z_strides is None:  # not evenly strided pixels: a contiguous copy of z, and of the result
-        z, z_strides = _strided(z)
-    out_strides = _pixel_strides(grad_in.shape, grad_in.stride())
-    out = grad_in if out_strides is not None else torch.empty(z.shape, device=z.device, dtype=z.dtype)
-    has_grad_out = grad_out is not None
-    if has_grad_out:
-        grad_out, o_strides = _strided(grad_out)
-    else:
-        grad_out, o_strides = z, (0, 0, 0)  # placeholder pointer, never read
-    b, c, h, wd = z.shape
-    tap_backward_kernel[grid](z, w, grad_penalty, grad_out, out, 1.0 / (n_layers * b), c, h * wd,
-                              *z_strides, *o_strides, *(out_strides or (c * h * wd, h * wd, 1)),
-                              HAS_GRAD_OUT=has_grad_out, **consts)
-    if out is not grad_in:
+    plan = _backward_plan(z.shape, z.stride(), None if grad_out is None else grad_out.stride(), n_layers, w_off,
+                          z.device)
+    return planned_grad(plan, grad_penalty, z, w, grad_out)
+
+
+def planned_grad(plan, grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
+                 grad_out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`tap_grad` given its launch plan (``_backward_plan``, as ``tap_forward`` returns them)."""
+    grid, args, copy_z, copy_grad_out, via_copy = plan
+    grad_in = torch.empty_like(z)
+    out = torch.empty(z.shape, device=z.device, dtype=z.dtype) if via_copy else grad_in
+    if copy_z:
+        z = z.contiguous()
+    if grad_out is None:
+        grad_out = z  # placeholder pointer, never read
+    elif copy_grad_out:
+        grad_out = grad_out.contiguous()
+    tap_backward_kernel[grid](z, w, grad_penalty, grad_out, out, *args)
+    if via_copy:
         grad_in.copy_(out)
     return grad_in

@@ -7,7 +7,11 @@ graphs capture them:
 - ``downscale_masks(mask, sizes, kernel_size, compound) -> Tensor[]``: D(M, l) of eq. 7;
 - ``tap_forward(zs, mask, norm, kernel_size, compound) -> (penalty, Tensor[])``: eq. 8 over L layers;
 - ``tap_layer_forward(z, src, div_h, div_w, kernel_size, norm, d_dtype) -> (penalty, w, sums)``: one layer;
-- ``tap_grad(grad_penalty, z, w, n_layers, grad_out?) -> Tensor``: one layer's gradient, one pass.
+- ``tap_grad(grad_penalty, z, w, n_layers, grad_out?, w_off) -> Tensor``: one layer's gradient, one pass.
+
+Eager, the launch wrappers pack maps (``tap_launch``'s ``packed``): the list form's node saves all layers'
+backward weights as one buffer and their offsets, and a per-layer node hands its bin sums on in its
+workspace; the custom ops return maps of their own (outputs may not alias).
 
 Two forms:
 - ``fused_tap_penalty(activations, mask)``: all layers in one autograd node, after the forward (what
@@ -53,7 +57,8 @@ def _(mask, sizes, kernel_size, compound):
 @torch.library.custom_op("tap_fast::tap_forward", mutates_args=())
 def _tap_forward_op(zs: List[torch.Tensor], mask: torch.Tensor, norm: str, kernel_size: int, compound: bool
                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return tap_launch.tap_forward(zs, mask, norm, kernel_size, compound)
+    penalty, weights, _ = tap_launch.tap_forward(zs, mask, norm, kernel_size, compound)
+    return penalty, weights
 
 
 @_tap_forward_op.register_fake
@@ -66,7 +71,7 @@ def _(zs, mask, norm, kernel_size, compound):
 @torch.library.custom_op("tap_fast::tap_layer_forward", mutates_args=())
 def _tap_layer_op(z: torch.Tensor, src: torch.Tensor, div_h: int, div_w: int, kernel_size: int, norm: str,
                   d_dtype: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tap_launch.tap_layer_forward(z, src, div_h, div_w, kernel_size, norm, d_dtype)
+    return tap_launch.tap_layer_forward(z, src, tuple(src.shape[-2:]), (div_h, div_w), kernel_size, norm, d_dtype)
 
 
 @_tap_layer_op.register_fake
@@ -79,12 +84,12 @@ def _(z, src, div_h, div_w, kernel_size, norm, d_dtype):
 
 @torch.library.custom_op("tap_fast::tap_grad", mutates_args=())
 def _tap_grad_op(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_layers: int,
-                 grad_out: Optional[torch.Tensor]) -> torch.Tensor:
-    return tap_launch.tap_grad(grad_penalty, z, w, n_layers, grad_out)
+                 grad_out: Optional[torch.Tensor], w_off: int = 0) -> torch.Tensor:
+    return tap_launch.tap_grad(grad_penalty, z, w, n_layers, grad_out, w_off)
 
 
 @_tap_grad_op.register_fake
-def _(grad_penalty, z, w, n_layers, grad_out):
+def _(grad_penalty, z, w, n_layers, grad_out, w_off=0):
     return torch.empty_like(z)
 
 
@@ -92,27 +97,33 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _tap_grad(grad_penalty, z, w, n_layers, grad_out):
-    return (_tap_grad_op if _tracing() else tap_launch.tap_grad)(grad_penalty, z, w, n_layers, grad_out)
-
-
 class _TapPenalty(torch.autograd.Function):
     """penalty = eq. 8 over all layers (one node); backward: one ``tap_grad`` per layer."""
 
     @staticmethod
     def forward(ctx, mask, norm, kernel_size, compound, *zs):
-        forward = _tap_forward_op if _tracing() else tap_launch.tap_forward
-        penalty, weights = forward(list(zs), mask, norm, kernel_size, compound)
-        ctx.n_layers = len(zs)
+        if _tracing():
+            penalty, weights = _tap_forward_op(list(zs), mask, norm, kernel_size, compound)
+            ctx.grads = ((0, None),) * len(zs)
+        else:  # one buffer holds every layer's weights; per layer its offset and gradient's launch plan
+            penalty, weights, ctx.grads = tap_launch.tap_forward(zs, mask, norm, kernel_size, compound, packed=True)
         ctx.save_for_backward(*zs, *weights)
         return penalty
 
     @staticmethod
     def backward(ctx, grad_penalty):
+        n_layers = len(ctx.grads)
         saved = ctx.saved_tensors
-        zs, weights = saved[:ctx.n_layers], saved[ctx.n_layers:]
-        grads = [_tap_grad(grad_penalty, z, w, ctx.n_layers, None) if need else None
-                 for z, w, need in zip(zs, weights, ctx.needs_input_grad[4:])]
+        zs, weights = saved[:n_layers], saved[n_layers:]
+        if len(weights) < n_layers:  # packed
+            weights *= n_layers
+        layers = zip(zs, weights, ctx.grads, ctx.needs_input_grad[4:])
+        if _tracing():  # the custom op (also where only the backward is traced)
+            grads = [_tap_grad_op(grad_penalty, z, w, n_layers, None, off) if need else None
+                     for z, w, (off, _), need in layers]
+        else:
+            grads = [tap_launch.planned_grad(plan, grad_penalty, z, w) if need else None
+                     for z, w, (_, plan), need in layers]
         return None, None, None, None, *grads
 
 
@@ -121,9 +132,12 @@ class _TapLayer(torch.autograd.Function):
     g W 1[Z > 0] / B, plus the gradient arriving at the returned Z in the identity form."""
 
     @staticmethod
-    def forward(ctx, z, src, div_h, div_w, kernel_size, norm, d_dtype, identity):
-        forward = _tap_layer_op if _tracing() else tap_launch.tap_layer_forward
-        penalty, weight, sums = forward(z, src, div_h, div_w, kernel_size, norm, d_dtype)
+    def forward(ctx, z, src, src_hw, div_hw, kernel_size, norm, d_dtype, identity):
+        if _tracing():
+            penalty, weight, sums = _tap_layer_op(z, src, div_hw[0], div_hw[1], kernel_size, norm, d_dtype)
+        else:
+            penalty, weight, sums = tap_launch.tap_layer_forward(z, src, src_hw, div_hw, kernel_size, norm, d_dtype,
+                                                                 packed=True)
         ctx.identity = identity
         ctx.save_for_backward(z, weight)
         ctx.mark_non_differentiable(sums)
@@ -136,8 +150,9 @@ class _TapLayer(torch.autograd.Function):
     def backward(ctx, *grads):
         z, w = ctx.saved_tensors
         grad_z, grad_penalty = grads[:2] if ctx.identity else (None, grads[0])
-        grad = grad_z if grad_penalty is None else _tap_grad(grad_penalty, z, w, 1, grad_z)
-        return grad, None, None, None, None, None, None, None
+        if grad_penalty is not None:
+            grad_z = (_tap_grad_op if _tracing() else tap_launch.tap_grad)(grad_penalty, z, w, 1, grad_z)
+        return grad_z, None, None, None, None, None, None, None
 
 
 class MaskSource:
@@ -154,7 +169,7 @@ class MaskSource:
 
     def __init__(self, mask: torch.Tensor, kernel_size: int = 3, compound: bool = False):
         self.map = tap_launch.mask_map(mask)
-        self.hw = tuple(self.map.shape[1:])
+        self.hw = tuple(self.map.shape[-2:])
         self.kernel_size, self.compound = kernel_size, compound
         self.d_dtype = tap_launch.MASK_DTYPES[self.map.dtype]
         self._prev: tuple[torch.Tensor, tuple[int, int]] | None = None  # last layer's sums (or D), its (H, W)
@@ -173,19 +188,19 @@ class MaskSource:
         prev = self._prev
         if self.compound:
             src = self._downscale(self.map if prev is None else prev[0], hw)
-            div, k = hw, 1
+            src_hw, div, k = hw, hw, 1
         else:
             kind = tap_launch.source_kind(None if prev is None else prev[1], hw, self.hw, self.kernel_size)
             div, k = self.hw, self.kernel_size if kind == "mask" else 1
             if kind == "sums":
-                src = prev[0]
+                src, src_hw = prev
             elif kind == "mask":
-                src = self.map
+                src, src_hw = self.map, self.hw
             else:
                 if self._pooled is None:
                     self._pooled = self._downscale(self.map, self.hw)
-                src = self._pooled
-        out = _TapLayer.apply(z, src, div[0], div[1], k, norm, self.d_dtype, identity)
+                src, src_hw = self._pooled, self.hw
+        out = _TapLayer.apply(z, src, src_hw, div, k, norm, self.d_dtype, identity)
         self._prev = (src if self.compound else out[-1], hw)
         return (out[0], out[1]) if identity else out[0]
 

@@ -11,7 +11,7 @@ _EXPORTS = {
     "input_gradient": "input_gradients", "rbr_penalty": "input_gradients", "rrr_penalty": "input_gradients",
     "check_mask_values": "masks", "downscale_mask": "masks", "downscale_masks": "masks", "ARCHS": "models",
     "TwoLayerCNN": "models", "build_model": "models", "tap_points": "models", "tap_penalty": "tap",
-    "tap_penalty_reference": "tap", "TappedModel": "taps",
+    "tap_penalty_reference": "tap", "TappedModel": "tapped_model",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -2,7 +2,10 @@
 ``tap-fast --help`` and argument errors answer without importing torch. TAP's norms are ``kernels.NORMS``
 (kernels/ imports nothing from tap_fast)."""
 
-DATASETS = ("digits", "mnist", "pneumoniamnist", "pneu", "knee")
+DATASETS = ("digits", "mnist", "pneumoniamnist", "pneu", "knee", "folder")  # folder: the user's own images
+CONTAMINATIONS = ("decoy", "tag", "stripe")  # section 5 / Appendix F: contamination.KINDS
+CLASS_WEIGHTS = ("none", "balanced")  # cross-entropy (and RBR) weights: none, or inverse class frequency
+FEEDS = ("auto", "memory", "dali", "torchvision")  # how training batches are made (see tap_fast.preparation)
 ARCH_NAMES = ("cnn2", "vgg16", "resnet18", "densenet121", "efficientnet_b0", "mobilenet_v2")  # models.ARCHS
 METHODS = ("none", "tap", "rrr", "rbr")  # eq. 3's XS penalty: none (No XS / Base), TAP (eq. 8), RRR / RBR (eq. 4)
 TAP_BACKENDS = ("auto", "torch", "triton")  # tap_penalty's: the PyTorch reference or the fused kernels

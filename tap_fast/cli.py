@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from kernels import NORMS
-from tap_fast.choices import AMP_MODES, ANNOTATIONS, ARCH_NAMES, DATASETS, METHODS, STEP_BACKENDS, TAUS
+from tap_fast.choices import (AMP_MODES, ANNOTATIONS, ARCH_NAMES, CLASS_WEIGHTS, CONTAMINATIONS, DATASETS, FEEDS,
+                              METHODS, STEP_BACKENDS, TAUS)
 
 # The demo: No XS and TAP on the embedded digits (and a Base model on clean digits), sized for a laptop CPU:
 # the decoys are picked up within a few epochs; later the digits are memorised and the contrast shrinks.
@@ -94,9 +98,21 @@ def _lambda_list(text: str) -> list[float]:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="data set (digits is embedded; the others read --data-dir)")
+                   help="data set (digits is embedded; the others read --data-dir; folder: your own images in "
+                        "--data-dir/{train,val,test}/<class>/<image>, val/ optional)")
     p.add_argument("--data-dir", help="folder (or file) holding the data set; nothing is downloaded")
     p.add_argument("--cache-dir", help="pneu/knee: keep decoded images here")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="folder: 1 (greyscale) or 3 (RGB)")
+    p.add_argument("--masks-dir", help="folder: the spurious pixels, a PNG per image at the image's relative path "
+                                       "(nonzero = spurious; an image without one has none)")
+    p.add_argument("--boxes", help="folder: a CSV path,x0,y0,x1,y1 of boxes of spurious pixels (original image "
+                                   "pixels, x1 and y1 exclusive; any number of rows per image)")
+    p.add_argument("--soft-masks", action="store_true",
+                   help="folder: mask grey levels / 255 are weights (default: masks must be binary)")
+    p.add_argument("--contamination", choices=CONTAMINATIONS,
+                   help="add a synthetic spurious signal: decoy (4x4 corner patches), tag (text tags) or stripe "
+                        "(Appendix F); default: the data set's own (decoy for MNIST/digits, tag for PNEU/KNEE), "
+                        "none for folder")
     p.add_argument("--image-size", type=positive_int, help="resize images to this side (default: data set's)")
     p.add_argument("--limit-train", type=positive_int, help="use at most N training images (stratified)")
     p.add_argument("--limit-test", type=positive_int,
@@ -131,6 +147,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=_non_negative_float, default=0.9)
     p.add_argument("--batch-size", type=positive_int, help="default 256 (MNIST, digits), 16 (medical)")
     p.add_argument("--kernel-size", type=positive_int, default=3, help="max-pool window of D(M, l), eq. 7")
+    p.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="none",
+                   help="balanced: inverse class frequency in the cross-entropy and inside RBR (as the released "
+                        "code does for PNEU)")
+    p.add_argument("--feed", choices=FEEDS, default="auto",
+                   help="training batches: memory (the set on the device, contaminated per batch), dali or "
+                        "torchvision (folders streamed from disk); auto: memory")
     p.add_argument("--compound", action="store_true",
                    help="downscale each layer's mask from the previous one's (released code)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -146,6 +168,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
     p.add_argument("--run-dir", help="folder for checkpoints (every epoch) and cached annotations")
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again, replacing the checkpoint in --run-dir (without --resume or --overwrite, a run "
+                        "dir holding a checkpoint is refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +218,7 @@ def _config(args: argparse.Namespace, **overrides):
 
 
 def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Argument errors for the paths a command reads and writes, before torch is imported or data loaded."""
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None and not Path(data_dir).exists():
         parser.error(f"argument --data-dir: {data_dir} does not exist")
@@ -200,25 +226,50 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"argument --data-dir: required for --dataset {args.dataset} (only digits is embedded)")
     if getattr(args, "resume", False) and getattr(args, "run_dir", None) is None:
         parser.error("argument --resume: needs --run-dir (the folder holding checkpoint.pt)")
+    outputs = {"--out": (getattr(args, "out", None), False), "--run-dir": (getattr(args, "run_dir", None), True),
+               "--cache-dir": (getattr(args, "cache_dir", None), True)}
+    for flag, (path, folder) in outputs.items():
+        problem = None if path is None else _unwritable(Path(path).absolute(), folder)
+        if problem:
+            parser.error(f"argument {flag}: {problem}")
+
+
+def _unwritable(path: Path, folder: bool) -> str | None:
+    """Why the folder (or file) ``path`` cannot be written, creating the folders above it (None: it can)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    kind = "folder" if folder else "file"
+    if existing == path and path.is_dir() != folder:
+        return f"{path} is a {'file' if folder else 'folder'}; give the path of a {kind}"
+    if existing != path and not existing.is_dir():
+        return f"cannot create {path}: {existing} is a file"
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        return f"cannot write {path}: {existing} is not writable"
+    return None
 
 
 def _flag_message(message: str) -> str:
-    """Prefix a library error that starts with a config field name with its command-line flag."""
+    """A library error in the command line's terms: a leading config field name prefixed with its flag
+    ("argument --lam: lam ..."), and ``field=`` written as ``--field``."""
     from tap_fast.config import TrainConfig
 
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    flagged = re.sub(r"\b([a-z_]+)=", lambda m: f"--{m[1].replace('_', '-')} " if m[1] in fields else m[0], message)
     word = message.split(" ", 1)[0]
-    if word in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return f"argument --{word.replace('_', '-')}: {message}"
-    return message
+    if word in fields:
+        return f"argument --{word.replace('_', '-')}: {flagged}"
+    return flagged
 
 
 def format_table(rows: list[tuple[str, dict]], metric: str) -> str:
-    """Contaminated / permuted / clean metric per run and the drop contaminated - permuted."""
-    lines = [f"{'model':<8} {'contaminated':>12} {'permuted':>9} {'clean':>7} {'drop':>7}"]
+    """The metric per run on each test version (the split as given, contaminated, permuted, clean: those the
+    runs have) and the drop contaminated - permuted when there is one."""
+    versions = [v for v in ("test", "contaminated", "permuted", "clean") if v in rows[0][1]["metrics"]]
+    drop = rows[0][1].get("shortcut_drop") is not None
+    lines = [f"{'model':<8}" + "".join(f" {v:>12}" for v in versions) + (f" {'drop':>7}" if drop else "")]
     for name, result in rows:
         m = result["metrics"]
-        lines.append(f"{name:<8} {m['contaminated'][metric]:>12.3f} {m['permuted'][metric]:>9.3f} "
-                     f"{m['clean'][metric]:>7.3f} {result['shortcut_drop']:>7.3f}")
+        lines.append(f"{name:<8}" + "".join(f" {m[v][metric]:>12.3f}" for v in versions)
+                     + (f" {result['shortcut_drop']:>7.3f}" if drop else ""))
     return "\n".join(lines)
 
 
@@ -260,6 +311,15 @@ def run_demo(args: argparse.Namespace) -> dict:
             "drops": drops, "runs": runs, "timing": {"total_s": total}}
 
 
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The line Ctrl-C prints: with a run dir to continue from, the command that resumes there."""
+    run_dir = getattr(args, "run_dir", None)
+    if not hasattr(args, "resume") or run_dir is None or not Path(run_dir).is_dir():
+        return f"tap-fast {args.command}: interrupted"
+    again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+    return f"tap-fast {args.command}: interrupted; to continue from --run-dir {run_dir}: tap-fast {shlex.join(again)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
         print(f"tap-fast {args.command}: error: {_flag_message(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if main_rank:
+            print(_interrupted(args, sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return 130
     if args.out and main_rank:
         save_json(record, args.out)
         print(f"wrote {args.out}", file=sys.stderr)

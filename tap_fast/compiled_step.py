@@ -114,7 +114,8 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
               std: float, norm: str = "l1", kernel_size: int = 3, compound: bool = False,
               explain_in_eval: bool | None = None, backend: str = "auto", compile: bool = False,
               compile_backend: str = "inductor", cuda_graphs: bool = False, amp_dtype: torch.dtype | None = None,
-              channels_last: bool = False, warmup_steps: int | None = None) -> TrainStep:
+              channels_last: bool = False, warmup_steps: int | None = None,
+              class_weights: torch.Tensor | None = None) -> TrainStep:
     """Build the training step for ``model`` (a :class:`~tap_fast.tapped_model.TappedModel`, optionally in DDP).
 
     Args:
@@ -131,6 +132,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
         amp_dtype: None (fp32) or torch.bfloat16 (autocast of the step; master weights stay fp32).
         channels_last: convert the model and each batch to channels_last memory format.
         warmup_steps: uncaptured steps before the graph is captured (default 3; 11 under DDP).
+        class_weights: (num_classes,) cross-entropy weights on the model's device, as ``train_step``'s.
 
     Under DDP the RBR term is scaled by :func:`rbr_scale` so that training equals one process's at the
     same global batch; the returned penalty is scaled alike (its mean over ranks is the global value).
@@ -172,7 +174,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
             loss, task_loss, penalty = train_step(
                 model, optimizer, images, labels, masks, method=method, lam=lam * scale, mean=mean, std=std,
                 norm=norm, kernel_size=kernel_size, compound=compound, explain_in_eval=explain_in_eval,
-                backend=backend)
+                backend=backend, class_weights=class_weights)
         return loss, task_loss, penalty * scale
 
     if compile and method in COMPILED_METHODS:

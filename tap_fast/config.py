@@ -13,15 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from kernels import NORMS, check_kernel_size, interpreter_enabled
-from tap_fast.choices import AMP_MODES, ANNOTATIONS, ARCH_NAMES, DATASETS, METHODS, STEP_BACKENDS
+from tap_fast.choices import (AMP_MODES, ANNOTATIONS, ARCH_NAMES, CLASS_WEIGHTS, CONTAMINATIONS, DATASETS, FEEDS,
+                              METHODS, STEP_BACKENDS)
 from tap_fast.datasets import Dataset
 from tap_fast.tap import triton_available
 
 AMP = dict(zip(AMP_MODES, (None, torch.bfloat16), strict=True))  # autocast dtype of the step (weights stay fp32)
 # Data set -> the paper's data set whose settings it follows (Table 2 / 3 rows, batch size, models).
-FAMILY = {"digits": "mnist", "mnist": "mnist", "pneumoniamnist": "pneu", "pneu": "pneu", "knee": "knee"}
-DEFAULT_ARCH = {"digits": "cnn2", "mnist": "cnn2", "pneumoniamnist": "cnn2", "pneu": "resnet18", "knee": "resnet18"}
-DEFAULT_BATCH_SIZE = {"mnist": 256, "pneu": 16, "knee": 16}  # section 5.3
+# The user's own folders follow PNEU's (ResNet-18, batch 16); no lambda is known for them.
+FAMILY = {"digits": "mnist", "mnist": "mnist", "pneumoniamnist": "pneu", "pneu": "pneu", "knee": "knee",
+          "folder": "folder"}
+DEFAULT_ARCH = {"digits": "cnn2", "mnist": "cnn2", "pneumoniamnist": "cnn2", "pneu": "resnet18", "knee": "resnet18",
+                "folder": "resnet18"}
+DEFAULT_BATCH_SIZE = {"mnist": 256, "pneu": 16, "knee": 16, "folder": 16}  # section 5.3
 DEFAULT_LR = {"cnn2": 1e-3}  # section 5.3: 1e-3 for the two-layer CNN, 1e-5 for the pretrained deep CNNs
 DEEP_LR = 1e-5
 
@@ -55,6 +59,13 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     cache_dir: str | None = None  # pneu / knee: decoded images are kept there
+    channels: int = 1  # "folder": 1 (greyscale) or 3 (RGB)
+    masks_dir: str | None = None  # "folder": a PNG mask per image (nonzero = spurious)
+    boxes: str | None = None  # "folder": a CSV of boxes path,x0,y0,x1,y1 (the original image's pixels)
+    soft_masks: bool = False  # "folder": mask grey levels / 255 as weights instead of binary masks
+    contamination: str | None = None  # None: the data set's own (decoy / tag; none for "folder")
+    class_weights: str = "none"  # "balanced": inverse class frequency in the cross-entropy and RBR
+    feed: str = "auto"  # how training batches are made: memory, dali, torchvision, or auto
     arch: str | None = None
     weights: str | None = "auto"  # "auto": ImageNet for deep CNNs (offline hub cache), none for cnn2
     method: str = "none"
@@ -84,12 +95,18 @@ class TrainConfig:
     device: str = "auto"
     run_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False  # replace a checkpoint in run_dir instead of refusing to
     quiet: bool = False
 
 
 # Fields that do not change what a run computes (checked when resuming).
-RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "quiet", "cache_dir", "channels_last", "compile",
-                  "cuda_graphs", "tap_backend")
+RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "overwrite", "quiet", "cache_dir", "channels_last",
+                  "compile", "cuda_graphs", "tap_backend", "feed")
+
+
+def run_meta(config: TrainConfig) -> dict:
+    """What a resolved ``config`` computes (all but RUNTIME_FIELDS): its checkpoints' ``meta``."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
 
 
 def default_lambda(method: str, norm: str, dataset: str, arch: str, annotations: str) -> float:
@@ -139,7 +156,8 @@ def resolve_device(device: str) -> torch.device:
 def check_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first invalid field of ``config``."""
     choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS, "amp": AMP_MODES,
-               "tap_backend": STEP_BACKENDS}
+               "tap_backend": STEP_BACKENDS, "contamination": (None, *CONTAMINATIONS), "class_weights": CLASS_WEIGHTS,
+               "feed": FEEDS, "channels": (1, 3)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(config, name)!r}")
@@ -166,8 +184,25 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"clean_train trains the Base model without XS: method must be 'none', got "
                          f"{config.method!r}")
     _check_tap_backend(config)
+    _check_folder_options(config)
     if config.resume and config.run_dir is None:
         raise ValueError("resume needs run_dir (--run-dir), the folder holding checkpoint.pt")
+    if config.resume and config.overwrite:
+        raise ValueError("overwrite starts run_dir's checkpoint again, resume (--resume) continues it: pass one")
+
+
+def _check_folder_options(config: TrainConfig) -> None:
+    """channels 3, masks_dir, boxes and soft_masks are for the user's own folders (dataset "folder")."""
+    given = [f for f in ("masks_dir", "boxes") if getattr(config, f) is not None]
+    if config.dataset != "folder":
+        wrong = given + (["channels"] if config.channels != 1 else []) + (["soft_masks"] if config.soft_masks else [])
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} apply to dataset 'folder' (the user's own images) only, got "
+                             f"dataset {config.dataset!r}")
+    if len(given) == 2:
+        raise ValueError("give masks_dir (--masks-dir) or boxes (--boxes), not both")
+    if config.soft_masks and config.masks_dir is None:
+        raise ValueError("soft_masks reads the grey levels of mask files: it needs masks_dir (--masks-dir)")
 
 
 def _check_tap_backend(config: TrainConfig) -> None:
@@ -191,18 +226,29 @@ def _check_tap_backend(config: TrainConfig) -> None:
                          "'auto' or 'torch' on the CPU")
 
 
-def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
-    """``config`` with its None / "auto" fields replaced by the paper's defaults for ``dataset``."""
+def resolve(config: TrainConfig, dataset: Dataset | None = None) -> TrainConfig:
+    """``config`` with its None / "auto" fields replaced by the paper's defaults for its data set.
+
+    With the loaded ``dataset``, a default batch size is capped at the training set's size (after the
+    teacher's share is held out) and a larger ``batch_size`` given is a ValueError; without it (a check
+    before loading) the defaults alone are filled in."""
     arch = config.arch or DEFAULT_ARCH[config.dataset]
     weights = config.weights
     if weights == "auto":
         weights = None if arch == "cnn2" else "imagenet"
     lam = config.lam if config.lam is not None else default_lambda(config.method, config.norm, config.dataset,
                                                                    arch, config.annotations)
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE[FAMILY[config.dataset]]
+    if dataset is not None:
+        n = len(dataset.train)
+        n -= round(config.teacher_fraction * n) if needs_teacher(config) else 0  # clean_split's held-out share
+        if config.batch_size is not None and config.batch_size > n:
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training images; pass batch_size "
+                             f"(--batch-size) <= {n}")
+        batch_size = min(batch_size, n)
     return dataclasses.replace(
         config, arch=arch, weights=weights, lam=float(lam),
-        lr=config.lr if config.lr is not None else DEFAULT_LR.get(arch, DEEP_LR),
-        batch_size=config.batch_size or DEFAULT_BATCH_SIZE[FAMILY[config.dataset]],
+        lr=config.lr if config.lr is not None else DEFAULT_LR.get(arch, DEEP_LR), batch_size=batch_size,
         teacher_epochs=(config.teacher_epochs or config.epochs) if needs_teacher(config) else None,
         device=str(_checked_device(config)))
 

@@ -23,6 +23,9 @@ import json
 import logging
 import os
 import struct
+import sys
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +35,19 @@ import torch
 import torch.nn.functional as F
 
 from tap_fast.choices import DATASETS
+from tap_fast.folder_dataset import (IMAGE_SUFFIXES, FolderListing, attach_boxes, attach_masks, decode_split,
+                                     list_user_folder)
 
 logger = logging.getLogger(__name__)
+STATS_SAMPLE = 512  # "folder": training images (a fixed stratified sample) that mean and std are computed from
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 @dataclass(frozen=True)
 class _Spec:
     num_classes: int
     metric: str
-    contamination: str
+    contamination: str | None  # None: the user's data, contaminated only when asked
     class_names: tuple[str, ...]
     mean_std: tuple[float, float] | None  # None: computed from the train split
 
@@ -62,21 +67,28 @@ _FOLDER_MERGE = {"pneu": {"val": "train"}, "knee": {}}
 
 @dataclass
 class Split:
-    """Images (N, 1, H, W) uint8 and labels (N,) int64."""
+    """Images (N, C, H, W) uint8 (C = 1 or 3), labels (N,) int64 and, for users' own folders, the masks of
+    their spurious pixels (N, 1, H, W): uint8 0/1, or float32 in [0, 1] for soft masks (None: none given)."""
     images: torch.Tensor
     labels: torch.Tensor
+    masks: torch.Tensor | None = None
 
     def __post_init__(self):
         if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 \
-                or self.images.dim() != 4 or self.images.shape[1] != 1:
+                or self.images.dim() != 4 or self.images.shape[1] not in (1, 3):
             got = (self.images.dtype, tuple(self.images.shape)) if isinstance(self.images, torch.Tensor) \
                 else type(self.images).__name__
-            raise ValueError(f"images must be a uint8 tensor of shape (N, 1, H, W), got {got}")
+            raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W) with C = 1 or 3, got {got}")
         if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 \
                 or self.labels.shape != self.images.shape[:1]:
             got = (self.labels.dtype, tuple(self.labels.shape)) if isinstance(self.labels, torch.Tensor) \
                 else type(self.labels).__name__
             raise ValueError(f"labels must be an int64 tensor of shape ({self.images.shape[0]},), got {got}")
+        expected = (self.images.shape[0], 1, *self.images.shape[2:])
+        if self.masks is not None and (not isinstance(self.masks, torch.Tensor)
+                                       or tuple(self.masks.shape) != expected):
+            raise ValueError(f"masks must be a tensor of shape {expected}, got "
+                             f"{tuple(getattr(self.masks, 'shape', ())) or type(self.masks).__name__}")
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -85,7 +97,7 @@ class Split:
         return torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
 
     def subset(self, index: torch.Tensor) -> Split:
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], None if self.masks is None else self.masks[index])
 
 
 @dataclass
@@ -99,8 +111,10 @@ class Dataset:
     mean: float  # normalisation of images / 255
     std: float
     metric: str  # "accuracy", "f1" or "mae"
-    contamination: str  # default contamination kind: "decoy" or "tag"
+    contamination: str | None  # default contamination kind: "decoy", "tag", or None (the user's own data)
     class_names: tuple[str, ...] = ()
+    unmasked: dict[str, int] | None = None  # "folder" with masks or boxes: per split, images given no mask
+    streamed_train: FileSplit | None = None  # "folder" streamed: the training split's files (see load_dataset)
 
     def summary(self) -> str:
         """One line per split with its size and per-class counts."""
@@ -108,8 +122,12 @@ class Dataset:
         lines = [f"{self.name}: {self.num_classes} classes {self.class_names}, {h}x{w} px, "
                  f"mean {self.mean:.4f} std {self.std:.4f}"]
         for part in ("train", "val", "test"):
-            split = getattr(self, part)
-            lines.append(f"  {part}: {len(split)} images, per class {split.class_counts(self.num_classes)}")
+            split = self.streamed_train if part == "train" and self.streamed_train else getattr(self, part)
+            counts = torch.bincount(split.labels.cpu(), minlength=self.num_classes).tolist()
+            lines.append(f"  {part}: {len(split.labels)} images{' (streamed)' if split is self.streamed_train else ''}, "
+                         f"per class {counts}")
+        if self.unmasked is not None:
+            lines.append(f"  images without a mask (no spurious pixels), per folder split: {self.unmasked}")
         return "\n".join(lines)
 
 
@@ -180,15 +198,43 @@ def _as_split(images: np.ndarray, labels: np.ndarray, source: str, num_classes: 
                  torch.from_numpy(labels[:, 0].astype(np.int64)))
 
 
+def _error_reason(error: Exception) -> str:
+    """An exception as "Type: first line" (cut short), for one-line messages about unreadable files."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:100]}" if text else type(error).__name__
+
+
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the npz file ``path``; a truncated, foreign or incomplete file is a ValueError
+    naming it."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in keys if k not in data.files]
-            if missing:
-                raise ValueError(f"{path} lacks arrays {missing}; it holds {sorted(data.files)}")
-            return {k: data[k] for k in keys}
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read {path} as an npz file: {e}") from e
+            files = sorted(data.files)
+            arrays = {k: data[k] for k in keys if k in files}
+    # TypeError: an .npy file (np.load returns an array, which is no context manager)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"cannot read {path} as an npz file ({_error_reason(e)}): it is truncated or not an "
+                         "npz archive; replace it with a complete copy") from e
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"{path} lacks arrays {missing}; it holds {files}")
+    return arrays
+
+
+def read_saved(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """The dict ``torch.save`` wrote to ``path``, loaded onto the CPU with weights only. A file that is
+    unreadable, truncated, foreign, not a dict or without one of ``keys`` is a ValueError "cannot read PATH
+    (...)"."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # on foreign bytes: RuntimeError, UnpicklingError, EOFError, KeyError, IndexError, ...
+        raise ValueError(f"cannot read {path} ({_error_reason(e)})") from e
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot read {path} (it holds a {type(saved).__name__}, not a dict)")
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise ValueError(f"cannot read {path} (it lacks the entries {missing})")
+    return saved
 
 
 # --- digits ---------------------------------------------------------------------------------------------
@@ -353,8 +399,12 @@ def _load_folder(name: str, root: Path, size: int, cache_dir: str | os.PathLike 
     cache = _cache_path(name, root, size, files, Path(cache_dir)) if cache_dir is not None else None
     if cache is not None and cache.is_file():
         logger.info("%s: reading decoded images from cache %s", name, cache)
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        return {s: Split(saved[s]["images"], saved[s]["labels"]) for s in files}
+        try:
+            saved = read_saved(cache, tuple(files))
+            return {s: Split(saved[s]["images"], saved[s]["labels"]) for s in files}
+        except ValueError as e:
+            print(f"{name}: decoded-image cache unusable, {e}; decoding the images again to rebuild it",
+                  file=sys.stderr)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         splits = {s: Split(torch.from_numpy(np.stack(list(pool.map(lambda p: _decode(p, size),
                                                                      [p for p, _ in items])))).unsqueeze(1),
@@ -368,11 +418,79 @@ def _load_folder(name: str, root: Path, size: int, cache_dir: str | os.PathLike 
     return splits
 
 
+# --- the user's own folders ----------------------------------------------------------------------------
+
+@dataclass
+class FileSplit:
+    """A training split left on disk for a streaming feed: its image files in the order the memory loader
+    decodes them, their labels, and each file's mask file (or None) and boxes (users' folders)."""
+    files: list[Path]
+    labels: torch.Tensor
+    masks: list[Path | None]
+    boxes: list[list[tuple[int, int, int, int]]]
+
+
+def user_folder_listing(root: Path, masks_dir=None, boxes=None) -> FolderListing:
+    """The user's folder checked (layout, masks, boxes) before any image is decoded."""
+    listing = list_user_folder(root)
+    if len(listing.class_names) < 2:
+        raise ValueError(f"--data-dir {root}: train/ must hold at least 2 class folders, got "
+                         f"{list(listing.class_names)}")
+    if masks_dir is not None:
+        attach_masks(listing, masks_dir)
+    if boxes is not None:
+        attach_boxes(listing, boxes)
+    return listing
+
+
+def _load_user_dataset(root: Path, size: int, channels: int, masks_dir, boxes, soft: bool, *, val_fraction: float,
+                       limit_train: int | None, seed: int, stream_train: bool) -> Dataset:
+    """The user's folder as a Dataset. The val split (when val/ is absent) and ``limit_train`` are drawn from the
+    file listing, as :func:`load_dataset` draws them for the other sets; mean and std come from a fixed
+    stratified sample of at most ``STATS_SAMPLE`` training images. So the memory path (every split decoded)
+    and ``stream_train`` (train left on disk as ``Dataset.streamed_train``, ``train`` holding that sample)
+    normalise and train alike."""
+    listing = user_folder_listing(root, masks_dir, boxes)
+    generator = torch.Generator().manual_seed(seed)
+    train = listing.splits["train"]
+    labels = torch.tensor([y for _, y in train], dtype=torch.int64)
+    if "val" not in listing.splits:
+        held, rest = stratified_take(labels, round(val_fraction * len(train)), generator)
+        listing.splits["val"] = [train[i] for i in held]
+        train, labels = [train[i] for i in rest], labels[rest]
+    if limit_train is not None and limit_train < len(train):
+        keep = stratified_take(labels, limit_train, generator)[0]
+        train, labels = [train[i] for i in keep], labels[keep]
+    listing.splits["train"] = train
+    sample = stratified_take(labels, min(STATS_SAMPLE, len(train)), torch.Generator().manual_seed(0))[0]
+
+    def decoded(split: str) -> Split:
+        images, ys, masks = decode_split(listing, split, size, channels, soft=soft)
+        return Split(torch.from_numpy(images), torch.from_numpy(ys), torch.from_numpy(masks))
+
+    streamed = None
+    if stream_train:
+        streamed = FileSplit([p for p, _ in train], labels, [listing.masks.get(p) for p, _ in train],
+                             [listing.boxes.get(p, []) for p, _ in train])
+        listing.splits["sample"] = [train[i] for i in sample]
+        train_split = decoded("sample")
+        stats = train_split.images
+    else:
+        train_split = decoded("train")
+        stats = train_split.images[sample]
+    mean, std = _pixel_stats(stats)
+    unmasked = ({s: listing.unmasked(s) for s in ("train", "val", "test")} if masks_dir or boxes else None)
+    return Dataset("folder", train_split, decoded("val"), decoded("test"), len(listing.class_names), mean, std,
+                   "accuracy", None, listing.class_names, unmasked, streamed)
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
                  limit_train: int | None = None, val_fraction: float = 0.1, seed: int = 0,
-                 cache_dir: str | os.PathLike | None = None) -> Dataset:
+                 cache_dir: str | os.PathLike | None = None, channels: int = 1,
+                 masks_dir: str | os.PathLike | None = None, boxes: str | os.PathLike | None = None,
+                 soft_masks: bool = False, stream_train: bool = False) -> Dataset:
     """Load data set ``name`` (one of DATASETS) from ``data_dir`` (not needed for "digits").
 
     image_size: side of the returned square images; default 28 for digits and mnist, the file's for
@@ -382,6 +500,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         published val splits.
     seed: seeds the val split and ``limit_train``.
     cache_dir: pneu and knee only: keep decoded tensors there, keyed by the file listing and image_size.
+    channels, masks_dir, boxes, soft_masks: "folder" only (the user's own ``DIR/{train,val,test}/<class>/``,
+        see :mod:`tap_fast.folder_dataset`): 1 (greyscale) or 3 (RGB) channels, and the spurious pixels from a
+        mask folder or a box CSV (at most one of them), kept soft with ``soft_masks``. The data set has no
+        contamination of its own and metric "accuracy".
+    stream_train: "folder" only: leave the training split on disk for a streaming feed
+        (``Dataset.streamed_train``; ``train`` then holds the decoded sample its mean and std come from).
     """
     if name not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
@@ -395,7 +519,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
     if name != "digits" and data_dir is None:
         raise ValueError(f"data_dir is required for dataset {name!r} (only 'digits' is embedded)")
-    spec = _SPECS[name]
+    if channels not in (1, 3) or (channels == 3 and name != "folder"):
+        raise ValueError(f"channels must be 1, or 3 for dataset 'folder', got {channels!r} for {name!r}")
+    if name != "folder" and (masks_dir is not None or boxes is not None):
+        raise ValueError(f"masks_dir and boxes apply to dataset 'folder' only, got dataset {name!r}")
+    if masks_dir is not None and boxes is not None:
+        raise ValueError("give masks_dir or boxes, not both")
+    if stream_train and name != "folder":
+        raise ValueError(f"streaming the training split (--feed dali|torchvision) is for dataset 'folder'; "
+                         f"{name!r} loads into memory (--feed memory or auto)")
+    spec = _SPECS.get(name)
     root = Path(data_dir) if data_dir is not None else None
     val = None
     if name == "digits":
@@ -404,6 +537,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         train, test = _load_mnist(root)
     elif name == "pneumoniamnist":
         train, val, test = _load_pneumoniamnist(root)
+    elif name == "folder":
+        dataset = _load_user_dataset(root, image_size or 224, channels, masks_dir, boxes, soft_masks,
+                                     val_fraction=val_fraction, limit_train=limit_train, seed=seed,
+                                     stream_train=stream_train)
+        logger.info("%s", dataset.summary())
+        return dataset
     else:
         splits = _load_folder(name, root, image_size or 224, cache_dir)
         train, val, test = splits["train"], splits.get("val"), splits["test"]

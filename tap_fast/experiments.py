@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,16 +18,44 @@ import torch
 
 from tap_fast.annotations import annotation_quality, random_masks, saliency_maps, threshold_saliency
 from tap_fast.choices import TAUS
-from tap_fast.config import (RUNTIME_FIELDS, TrainConfig, check_config, resolve, resolve_device, step_options,
+from tap_fast.config import (TrainConfig, check_config, resolve, resolve_device, run_meta, step_options,
                              sweep_lambdas)
 from tap_fast.datasets import clean_split
 from tap_fast.distributed import DistContext, env_ranks, init_distributed, shutdown
 from tap_fast.evaluation import evaluate_variants, shortcut_drop
-from tap_fast.loop import fit, place_model
+from tap_fast.loop import changed_settings, check_resume, fit, load_checkpoint, place_model
 from tap_fast.models import build_model, tap_points
-from tap_fast.preparation import (PreparedData, contaminate_split, load, prepare, split_versions, stratified_subset,
-                                  train_teacher, variant_seed)
+from tap_fast.preparation import (PreparedData, contaminate_split, contamination_kind, load, prepare, split_versions,
+                                  stratified_subset, train_teacher, variant_seed)
 from tap_fast.tapped_model import TappedModel
+
+
+def _checkpoint(config: TrainConfig) -> Path | None:
+    return Path(config.run_dir) / "checkpoint.pt" if config.run_dir else None
+
+
+def check_run_dir(config: TrainConfig) -> None:
+    """Before any data is loaded: refuse a ``run_dir`` whose checkpoint the run would replace without
+    ``overwrite`` (or, with ``resume``, one it cannot continue); print "resuming from epoch N" when it resumes.
+    A checkpoint that cannot be read is a ValueError naming it."""
+    path = _checkpoint(config)
+    if path is None or config.overwrite or not path.is_file():
+        return
+    state = load_checkpoint(path)
+    meta = run_meta(resolve(config))
+    if config.resume:
+        check_resume(state, path, meta, config.epochs)
+        if not config.quiet and is_main_process():
+            print(f"{config.run_dir}: resuming from epoch {state['epoch'] + 1}" if state["epoch"] < config.epochs
+                  else f"{config.run_dir}: all {config.epochs} epochs are done; evaluating", file=sys.stderr)
+        return
+    changed = changed_settings(state, meta)
+    if changed:
+        raise ValueError(f"run_dir {config.run_dir} holds a checkpoint of another configuration (settings {changed} "
+                         "differ): pass overwrite (--overwrite) to replace it, or another run_dir")
+    raise ValueError(f"run_dir {config.run_dir} holds a checkpoint of this configuration (epoch {state['epoch']} of "
+                     f"{config.epochs}): pass resume (--resume) to continue it, or overwrite (--overwrite) to start "
+                     "again")
 
 
 def run(config: TrainConfig, data: PreparedData, ctx: DistContext | None = None) -> dict:
@@ -37,18 +66,21 @@ def run(config: TrainConfig, data: PreparedData, ctx: DistContext | None = None)
     start = time.perf_counter()
     ds = data.dataset
     device = torch.device(config.device)
+    desc = "base" if config.clean_train else config.method
+    if not config.quiet and (ctx is None or ctx.is_main):
+        print(f"{desc}: {ds.name} train {data.train_size} / val {data.val_labels.numel()} / test "
+              f"{data.test_labels.numel()} images, device {device}, feed {getattr(data.train, 'backend', 'memory')}, arch "
+              f"{config.arch}, lr {config.lr:g}, lambda {config.lam:g}, batch {config.batch_size}", file=sys.stderr)
     torch.manual_seed(config.seed)
-    model = place_model(build_model(config.arch, ds.num_classes, data.train_images.shape[1],
-                                    weights=config.weights, input_size=data.train_images.shape[-1]),
+    _, channels, _, side = ds.val.images.shape  # the training images' (streamed ones stay on disk)
+    model = place_model(build_model(config.arch, ds.num_classes, channels, weights=config.weights, input_size=side),
                         device, config.channels_last)
-    meta = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
-    history = fit(TappedModel(model, tap_points(config.arch)), data.train_images, data.train_labels,
-                  data.train_masks, method=config.method, lam=config.lam, epochs=config.epochs, lr=config.lr,
-                  momentum=config.momentum, batch_size=config.batch_size, seed=config.seed, mean=ds.mean,
-                  std=ds.std, norm=config.norm, kernel_size=config.kernel_size, compound=config.compound,
-                  checkpoint=Path(config.run_dir) / "checkpoint.pt" if config.run_dir else None,
-                  resume=config.resume, meta=meta, quiet=config.quiet,
-                  desc="base" if config.clean_train else config.method, **step_options(config), ctx=ctx)
+    with TappedModel(model, tap_points(config.arch)) as tapped:
+        history = fit(tapped, data.train, method=config.method, lam=config.lam, epochs=config.epochs, lr=config.lr,
+                      momentum=config.momentum, mean=ds.mean, std=ds.std, norm=config.norm,
+                      kernel_size=config.kernel_size, compound=config.compound, checkpoint=_checkpoint(config),
+                      resume=config.resume, meta=run_meta(config), quiet=config.quiet, desc=desc,
+                      class_weights=data.class_weights, **step_options(config), ctx=ctx)
     train_s = time.perf_counter() - start
     eval_start = time.perf_counter()
     kw = {"metric": ds.metric, "mean": ds.mean, "std": ds.std, "batch_size": 4 * config.batch_size}
@@ -59,12 +91,12 @@ def run(config: TrainConfig, data: PreparedData, ctx: DistContext | None = None)
         "metric": ds.metric,
         "metrics": metrics,
         "validation": validation,
-        "shortcut_drop": shortcut_drop(metrics, ds.metric),
+        "shortcut_drop": shortcut_drop(metrics, ds.metric) if "permuted" in metrics else None,
         "loss_per_epoch": history["loss"],
         "task_loss_per_epoch": history["task_loss"],
         "penalty_per_epoch": history["penalty"],
         "annotations": data.annotation_info,
-        "sizes": {"train": int(data.train_labels.numel()), "val": int(data.val_labels.numel()),
+        "sizes": {"train": data.train_size, "val": int(data.val_labels.numel()),
                   "test": int(data.test_labels.numel())},
         "timing": {"train_s": train_s, "eval_s": time.perf_counter() - eval_start, "epoch_s": history["epoch_s"]},
         "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
@@ -81,6 +113,7 @@ def train(config: TrainConfig) -> dict:
     """
     start = time.perf_counter()
     check_config(config)
+    check_run_dir(config)
     ctx = init_distributed(resolve_device(config.device), cuda_graphs=config.cuda_graphs)
     try:
         if ctx.enabled:
@@ -101,6 +134,12 @@ def is_main_process() -> bool:
     return env_ranks()[0] == 0
 
 
+def _lambda_run(config: TrainConfig, lam: float) -> TrainConfig:
+    """The sweep's run of ``lam``, checkpointed in its own folder lam_{lam:.0e} of ``run_dir``."""
+    run_dir = str(Path(config.run_dir) / f"lam_{lam:.0e}") if config.run_dir else None
+    return dataclasses.replace(config, lam=float(lam), run_dir=run_dir)
+
+
 def sweep(config: TrainConfig, lambdas: list[float] | None = None) -> dict:
     """Section 5.3: train once per lambda (default :func:`sweep_lambdas`) on the same prepared data and select
     the lambda with the lowest cross-entropy on the permuted validation set SC(X*, permute(y))_val."""
@@ -110,16 +149,21 @@ def sweep(config: TrainConfig, lambdas: list[float] | None = None) -> dict:
     lambdas = list(lambdas) if lambdas is not None else sweep_lambdas(config.method)
     if not lambdas or any(not (lam >= 0 and math.isfinite(lam)) for lam in lambdas):
         raise ValueError(f"lambdas must be a non-empty list of finite numbers >= 0, got {lambdas!r}")
+    check_config(config)
+    for lam in lambdas:
+        check_run_dir(_lambda_run(config, lam))
     dataset = load(config)
+    if contamination_kind(config, dataset) is None:
+        raise ValueError("the sweep selects lambda on the permuted validation set, which needs a contamination: "
+                         "pass --contamination decoy|tag|stripe for dataset 'folder'")
     config = resolve(dataclasses.replace(config, lam=lambdas[0]), dataset)
     data = prepare(config, dataset)
     runs = []
     for lam in lambdas:
-        run_dir = str(Path(config.run_dir) / f"lam_{lam:.0e}") if config.run_dir else None
         if config.compile:
             torch._dynamo.reset()  # one compiled step per lambda would reach dynamo's recompile limit
         try:
-            result = run(dataclasses.replace(config, lam=float(lam), run_dir=run_dir), data)
+            result = run(_lambda_run(config, lam), data)
         except FloatingPointError as e:  # a lambda too large for this lr diverges: record, go on
             runs.append({"lam": float(lam), "val_permuted_loss": math.inf, "diverged": str(e)})
             continue
@@ -145,11 +189,15 @@ def annotate(config: TrainConfig, taus: tuple[float, ...] = TAUS) -> dict:
     config = resolve(dataclasses.replace(config, method="tap", annotations="teacher", lam=0.0), dataset)
     device = torch.device(config.device)
     teacher_split, rest = clean_split(dataset.train, config.teacher_fraction, seed=config.seed)
-    images, truth = contaminate_split(rest, dataset, "contaminated", variant_seed(config.seed, 1))
+    kind = contamination_kind(config, dataset)
+    if kind is None and dataset.train.masks is None:
+        raise ValueError("annotate measures a teacher against known spurious pixels: the data set has none "
+                         "(pass --contamination, or --masks-dir / --boxes with dataset 'folder')")
+    images, truth = contaminate_split(rest, dataset, kind, "contaminated", variant_seed(config.seed, 1))
     teacher, record = train_teacher(config, dataset, teacher_split, device)
     test = stratified_subset(dataset.test, config.limit_test)
     record["metrics"] = evaluate_variants(
-        teacher, {k: v.to(device) for k, v in split_versions(test, dataset, variant_seed(config.seed, 3)).items()},
+        teacher, {k: v.to(device) for k, v in split_versions(test, dataset, kind, variant_seed(config.seed, 3)).items()},
         test.labels.to(device), metric=dataset.metric, mean=dataset.mean, std=dataset.std)
     saliency = saliency_maps(teacher, images.to(device), mean=dataset.mean, std=dataset.std).cpu()
     per_tau = {}

@@ -64,15 +64,19 @@ def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 def contaminate_and_normalise(images: torch.Tensor, samples: torch.Tensor, placement: SignalPlacement | None,
-                              mean: float | None, std: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                              mean: float | None, std: float | None, masks: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's normalised float32 images (uint8 as they are when mean and std are None) and float32 mask
-    (B, 1, H, W) from its clean uint8 ``images`` (B, 1, H, W), the samples' indices into the set (B,) and
-    the set's ``placement`` (None: clean images and a zero mask). No host sync."""
-    if placement is None:
-        mask = torch.zeros_like(images, dtype=torch.float32)
-    else:
-        images, mask = placement.apply(images, samples)
-        mask = mask.float()
+    (B, 1, H, W) from its clean uint8 ``images`` (B, C, H, W), the samples' indices into the set (B,), the
+    set's ``placement`` (None: clean images) and the batch's own ``masks`` (B, 1, H, W) (users' or a
+    teacher's annotations; None: none). The mask is the union (elementwise max) of the given masks and the
+    placement's; neither gives a zero mask. No host sync."""
+    mask = None if masks is None else masks.float()
+    if placement is not None:
+        images, signal = placement.apply(images, samples)
+        mask = signal.float() if mask is None else torch.maximum(mask, signal.float())
+    if mask is None:
+        mask = images.new_zeros((images.shape[0], 1, *images.shape[2:]), dtype=torch.float32)
     return (images if mean is None else normalise(images, mean, std)), mask
 
 
@@ -80,7 +84,7 @@ class DeviceFeed:
     """Shuffled static-shape batches ``(x, y, mask)`` of an in-memory uint8 set held on ``device``.
 
     Args:
-        images_uint8: (N, H, W) or (N, 1, H, W) uint8 clean images.
+        images_uint8: (N, H, W) or (N, C, H, W) uint8 clean images (C = 1 or 3).
         labels: (N,) integer labels in [0, num_classes).
         kind: contamination, one of ``KINDS`` ("decoy", "tag", "stripe"), or None for none (zero masks).
         num_classes: number of classes.
@@ -88,16 +92,20 @@ class DeviceFeed:
         batch_size: samples per batch (per rank).
         mean, std: normalisation constants on the [0, 1] pixel scale; both None: ``x`` is the contaminated
             uint8 batch, as :func:`tap_fast.compiled_step.make_step` takes it (the step normalises).
-        seed: seeds the contamination (as ``contaminate(..., seed=seed)``) and the shuffling.
+        seed: seeds the shuffling and, unless ``contamination_seed`` is given, the contamination (as
+            ``contaminate(..., seed=seed)``).
+        contamination_seed: seeds the contamination when it differs from the shuffling's seed.
+        masks: (N, 1, H, W) masks given with the set (users' annotations, or a teacher's: uint8 0/1 or float
+            in [0, 1]), held on ``device``; a batch's mask is their union with the contamination's.
         device: where the set lives and batches are made.
         drop_last: drop the last partial batch (static shapes for CUDA graphs).
         shuffle: reshuffle each epoch (see :meth:`set_epoch`); False reads in index order.
         rank, world_size: DDP sharding; each rank reads a disjoint equal share of each epoch.
         tags: text tags per class for kind="tag" (defaults of :func:`contaminate` when None).
 
-    Iterating gives one epoch of ``x`` float32 (B, 1, H, W) normalised (or uint8), ``y`` int64 (B,) and ``mask``
+    Iterating gives one epoch of ``x`` float32 (B, C, H, W) normalised (or uint8), ``y`` int64 (B,) and ``mask``
     float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``; the next iteration reads the next epoch.
-    The feed holds ``images`` (N, 1, H, W) uint8 clean, ``labels`` (N,) int64 and ``placement`` (the
+    The feed holds ``images`` (N, C, H, W) uint8 clean, ``masks``, ``labels`` (N,) int64 and ``placement`` (the
     :class:`~tap_fast.contamination.SignalPlacement` of ``contaminate(..., seed=seed)``, None when kind is
     None or variant is "clean") on ``device``.
     """
@@ -106,8 +114,13 @@ class DeviceFeed:
                  num_classes: int, variant: str = "contaminated", batch_size: int, mean: float | None,
                  std: float | None, seed: int = 0, device: torch.device | str = "cuda", drop_last: bool = True,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 tags: Sequence[str] | None = None) -> None:
+                 tags: Sequence[str] | None = None, contamination_seed: int | None = None,
+                 masks: torch.Tensor | None = None) -> None:
         images = _check_images(images_uint8)
+        if masks is not None and (not isinstance(masks, torch.Tensor)
+                                  or tuple(masks.shape) != (images.shape[0], 1, *images.shape[2:])):
+            raise ValueError(f"masks must be a ({images.shape[0]}, 1, {images.shape[2]}, {images.shape[3]}) tensor "
+                             f"(one mask per image), got {tuple(getattr(masks, 'shape', ())) or type(masks).__name__}")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
             raise TypeError("labels must be a 1-D integer torch.Tensor, got "
                             f"{getattr(labels, 'dtype', type(labels).__name__)} "
@@ -131,9 +144,10 @@ class DeviceFeed:
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, int(seed), 0
         placement = None if kind is None else signal_placement(
             labels, kind, num_classes, height=images.shape[2], width=images.shape[3], variant=variant,
-            seed=self.seed, tags=tags)
+            seed=self.seed if contamination_seed is None else int(contamination_seed), tags=tags)
         self.placement = None if placement is None else placement.to(self.device)
         self.images, self.labels = images.to(self.device), labels.to(self.device, torch.int64)
+        self.masks = None if masks is None else masks.to(self.device)
 
     def __len__(self) -> int:
         share = self.images.shape[0] // self.world_size
@@ -153,7 +167,8 @@ class DeviceFeed:
         order = self.order().to(self.device, non_blocking=True)
         self.epoch += 1
         for idx in order.split(self.batch_size):
-            x, mask = contaminate_and_normalise(self.images[idx], idx, self.placement, self.mean, self.std)
+            x, mask = contaminate_and_normalise(self.images[idx], idx, self.placement, self.mean, self.std,
+                                                None if self.masks is None else self.masks[idx])
             yield x, self.labels[idx], mask
 
 
@@ -163,7 +178,7 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
                         f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
-        raise ValueError(f"images_uint8 must have shape (N, H, W) or (N, 1, H, W) with N > 0, got "
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(f"images_uint8 must have shape (N, H, W) or (N, C, H, W) with C = 1 or 3 and N > 0, got "
                          f"{tuple(images.shape)}")
     return images

@@ -99,7 +99,8 @@ def attach_masks(listing: FolderListing, masks_dir: str | os.PathLike) -> None:
     listing.masks = {img: m for m, img in by_mask.items() if m.is_file()}
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def read_size(path: Path) -> tuple[int, int]:
+    """An image's (width, height) from its header (ValueError naming the file when it cannot be read)."""
     from PIL import Image
     try:
         with Image.open(path) as img:
@@ -138,7 +139,7 @@ def attach_boxes(listing: FolderListing, boxes_csv: str | os.PathLike) -> None:
         except ValueError:
             raise ValueError(f"{where}: x0,y0,x1,y1 must be integers (pixels), got {row[1:]}") from None
         image = images[name]
-        w, h = sizes.setdefault(image, _image_size(image))
+        w, h = sizes.setdefault(image, read_size(image))
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
             raise ValueError(f"{where}: box ({x0},{y0})-({x1},{y1}) is not inside {name} ({w}x{h} px); expected "
                              f"0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
@@ -170,17 +171,24 @@ def decode_pair(path: Path, size: int, channels: int, *, mask_file: Path | None 
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     image = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
-    source = np.zeros((full[1], full[0]), dtype=np.uint8)
-    if mask_file is not None:
-        source = _read_mask(mask_file, full, soft)
-    for x0, y0, x1, y1 in boxes:
-        source[y0:y1, x0:x1] = 255
+    source = mask_pixels(full, mask_file, boxes, soft)
     if not source.any():
         return image, np.zeros((1, size, size), dtype=np.float32 if soft else np.uint8)
     resized = np.asarray(_crop_resize(Image.fromarray(source, mode="L"), size))
     if soft:
         return image, (resized.astype(np.float32) / 255)[None]
     return image, (resized > 0).astype(np.uint8)[None]
+
+
+def mask_pixels(image_size: tuple[int, int], mask_file: Path | None = None, boxes: list[Box] = (),
+                soft: bool = False) -> np.ndarray:
+    """The spurious pixels of an image of ``image_size`` (width, height) before its crop and resize, (height,
+    width) uint8: its mask file's 0/255 (grey levels with ``soft``), with ``boxes`` set to 255."""
+    w, h = image_size
+    source = np.zeros((h, w), dtype=np.uint8) if mask_file is None else _read_mask(mask_file, image_size, soft)
+    for x0, y0, x1, y1 in boxes:
+        source[y0:y1, x0:x1] = 255
+    return source
 
 
 def _read_mask(mask_file: Path, image_size: tuple[int, int], soft: bool) -> np.ndarray:
@@ -191,7 +199,7 @@ def _read_mask(mask_file: Path, image_size: tuple[int, int], soft: bool) -> np.n
             if m.size != image_size:
                 raise ValueError(f"its size {m.size[0]}x{m.size[1]} differs from its image's "
                                  f"{image_size[0]}x{image_size[1]}")
-            grey = np.asarray(m.convert("L"), dtype=np.uint8)
+            grey = np.array(m.convert("L"), dtype=np.uint8)  # writable: boxes are drawn into it
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"mask {mask_file}: {e}") from e
     if soft:

@@ -75,13 +75,14 @@ def rrr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
 
 def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
                 parameters: Iterable[torch.Tensor], *, reduction: str = "sum", soft: bool = False,
-                validate: bool = True) -> torch.Tensor:
+                validate: bool = True, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """RBR (Shao et al. 2021) with an identity Hessian, as in the paper's baselines.
 
     influence = d/dX sum_theta dL_task/dtheta (L_task = batch-mean cross-entropy of ``targets``), and the
     penalty is sum_ij [M * influence * input_gradient]_ij^2 per sample, reduced over the batch by "sum"
     (released code; its lambdas are 1 to 1e9) or "mean". Training through it needs third-order
-    derivatives: run BatchNorm models in eval mode for this term.
+    derivatives: run BatchNorm models in eval mode for this term. ``class_weights`` weight L_task's
+    cross-entropy (the weighted mean), as the released code does for PNEU.
     """
     m = _check_penalty_inputs(logits, inputs, mask, reduction, soft, validate)
     if targets.dim() != 1 or targets.shape[0] != inputs.shape[0] or targets.dtype != torch.long:
@@ -90,7 +91,7 @@ def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
     params = [p for p in parameters if p.requires_grad]
     if not params:
         raise ValueError("parameters must contain at least one tensor that requires grad")
-    task_loss = F.cross_entropy(logits, targets)
+    task_loss = F.cross_entropy(logits, targets, weight=class_weights)
     param_grads = [g for g in torch.autograd.grad(task_loss, params, create_graph=True, allow_unused=True)
                    if g is not None]
     if not param_grads:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torchvision
 
 from tap_fast.choices import ARCH_NAMES
+from tap_fast.datasets import read_saved
 
 
 class TwoLayerCNN(nn.Module):
@@ -79,21 +80,27 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _imagenet_state_dict(arch: str, weights: str | os.PathLike) -> dict:
-    """Load ImageNet weights from a local file or torch's hub cache; never downloads."""
+    """Load ImageNet weights from a local file or torch's hub cache; never downloads. A file that cannot be
+    read as a state dict is a ValueError naming it."""
     if str(weights) != "imagenet":
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    spec = _arch(arch)
-    if spec.weights_enum is None:
-        raise ValueError(f"weights='imagenet' is not available for arch {arch!r} (trained from scratch)")
-    url = getattr(torchvision.models, spec.weights_enum).DEFAULT.url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if not cached.is_file():
-        raise FileNotFoundError(f"ImageNet weights for {arch} are not available offline: expected {cached}. "
-                                f"Download {url} there, or pass weights=PATH to a local state dict")
-    return torch.load(cached, map_location="cpu", weights_only=True)
+        remedy = "pass weights=PATH to a state dict saved with torch.save"
+    else:
+        spec = _arch(arch)
+        if spec.weights_enum is None:
+            raise ValueError(f"weights='imagenet' is not available for arch {arch!r} (trained from scratch)")
+        url = getattr(torchvision.models, spec.weights_enum).DEFAULT.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if not path.is_file():
+            raise FileNotFoundError(f"ImageNet weights for {arch} are not available offline: expected {path}. "
+                                    f"Download {url} there, or pass weights=PATH to a local state dict")
+        remedy = f"delete it and download {url} there again"
+    try:
+        return read_saved(path)
+    except ValueError as e:
+        raise ValueError(f"weights unreadable: {e}; {remedy}") from e
 
 
 # torchvision's DenseNet checkpoints use the old key names "denselayer1.norm.1.weight"; its own loader renames
@@ -130,7 +137,12 @@ def build_model(arch: str, num_classes: int, in_channels: int = 1, weights: str 
     model = spec.build()
     if weights is not None:
         state_dict = _imagenet_state_dict(arch, weights)
-        model.load_state_dict(_rename_old_densenet_keys(state_dict) if arch == "densenet121" else state_dict)
+        try:
+            model.load_state_dict(_rename_old_densenet_keys(state_dict) if arch == "densenet121" else state_dict)
+        except RuntimeError as e:  # missing / unexpected keys, mismatched shapes: a long multi-line message
+            detail = " ".join(str(e).split())
+            raise ValueError(f"weights {weights} do not fit arch {arch!r} ({detail[:150]}...); pass weights=PATH to "
+                             f"a state dict of torchvision's {arch}") from e
     if in_channels == 1:
         old = model.get_submodule(spec.first_conv)
         new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)

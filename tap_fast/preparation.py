@@ -1,13 +1,16 @@
-"""Data preparation for a run (section 5.1): each split contaminated once, and the training annotations.
+"""Data preparation for a run (section 5.1): the training feed, the evaluation sets and the annotations.
 
-:func:`prepare` contaminates each split once as uint8 tensors on the device (train: SC(X*, y) with its
-masks; val and test: contaminated, permuted and clean versions) and builds the training masks: the ground
-truth, or a teacher's (section 4.2: :func:`train_teacher` on a clean share of the training split, then
-:func:`teacher_annotations`), or random ones.
+:func:`prepare` builds the feed :func:`~tap_fast.loop.fit` trains from: the clean uint8 training split on the
+device in a :class:`~tap_fast.feeds.DeviceFeed`, contaminated per batch (SC(X*, y) and its ground-truth
+masks, united with the user's own masks), or the contaminated split with a teacher's (section 4.2:
+:func:`train_teacher` on a clean share of the training split, then :func:`teacher_annotations`) or random
+masks. Val and test are contaminated once as uint8 device tensors (contaminated, permuted and clean
+versions; the user's own data set, uncontaminated unless asked, is evaluated on its test split as given).
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,24 +21,28 @@ import torch.nn as nn
 from tap_fast.annotations import annotation_quality, random_masks, saliency_maps, threshold_saliency
 from tap_fast.config import DEFAULT_ARCH, TrainConfig, check_config, needs_teacher, step_options
 from tap_fast.contamination import VARIANTS, contaminate
-from tap_fast.datasets import Dataset, Split, clean_split, load_dataset, stratified_take
-from tap_fast.distributed import DistContext
+from tap_fast.datasets import Dataset, FileSplit, Split, clean_split, load_dataset, read_saved, stratified_take
+from tap_fast.distributed import DistContext, per_rank_batch_size
 from tap_fast.evaluation import evaluate_variants
+from tap_fast.dali_feed import FolderFeed, dali_available
+from tap_fast.feeds import DeviceFeed
+from tap_fast.folder_dataset import list_user_folder
 from tap_fast.loop import fit, place_model, save_checkpoint
 from tap_fast.masks import check_mask_values
 from tap_fast.models import build_model, tap_points
 from tap_fast.tapped_model import TappedModel
 
 VAL_VARIANTS = ("contaminated", "permuted")  # section 5.3 tunes lambda on the permuted validation loss
+MEMORY_FEED_BYTES = 4 << 30  # --feed auto: a "folder" set is held in memory up to this decoded size (4 GiB)
 
 
 @dataclass
 class PreparedData:
-    """A data set contaminated once, as uint8 device tensors, with the training annotations."""
+    """A run's training feed (uint8 batches with their masks) and its evaluation sets as uint8 device tensors."""
     dataset: Dataset
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    train_masks: torch.Tensor | None
+    train: DeviceFeed | FolderFeed
+    train_size: int
+    class_weights: torch.Tensor | None  # of the cross-entropy (and RBR), on the device; None: unweighted
     val: dict[str, torch.Tensor]
     val_labels: torch.Tensor
     test: dict[str, torch.Tensor]
@@ -43,11 +50,33 @@ class PreparedData:
     annotation_info: dict
 
 
+def resolve_feed(config: TrainConfig) -> str:
+    """The feed of a run: "memory" (the set on the device), or "dali" / "torchvision" (the training split of a
+    "folder" data set streamed from disk). "auto" streams a folder whose decoded training images and masks
+    would exceed ``MEMORY_FEED_BYTES``, with DALI when it is installed."""
+    if config.feed != "auto":
+        return config.feed
+    if config.dataset != "folder":
+        return "memory"
+    side = config.image_size or 224
+    n = len(list_user_folder(config.data_dir).splits["train"])
+    decoded = n * (config.channels + 1) * side * side  # uint8 images and masks
+    return "memory" if decoded <= MEMORY_FEED_BYTES else ("dali" if dali_available() else "torchvision")
+
+
 def load(config: TrainConfig) -> Dataset:
-    """The data set named by ``config`` (validated first)."""
+    """The data set named by ``config`` (validated first); its training split stays on disk when the run
+    streams it (:func:`resolve_feed`)."""
     check_config(config)
     return load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
-                        limit_train=config.limit_train, seed=config.seed, cache_dir=config.cache_dir)
+                        limit_train=config.limit_train, seed=config.seed, cache_dir=config.cache_dir,
+                        channels=config.channels, masks_dir=config.masks_dir, boxes=config.boxes,
+                        soft_masks=config.soft_masks, stream_train=resolve_feed(config) != "memory")
+
+
+def contamination_kind(config: TrainConfig, dataset: Dataset) -> str | None:
+    """The run's contamination: ``config.contamination``, else the data set's own (None: none)."""
+    return config.contamination or dataset.contamination
 
 
 def variant_seed(seed: int, k: int) -> int:
@@ -55,11 +84,16 @@ def variant_seed(seed: int, k: int) -> int:
     return seed * 1000 + k
 
 
-def contaminate_split(split: Split, dataset: Dataset, variant: str, seed: int
+def contaminate_split(split: Split, dataset: Dataset, kind: str | None, variant: str, seed: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's images with the data set's spurious signal and their ground-truth masks (uint8)."""
-    return contaminate(split.images, split.labels, dataset.contamination, dataset.num_classes, variant=variant,
-                       seed=seed)
+    """A split's images with the spurious signal ``kind`` and their masks (uint8; united with the split's own
+    masks when it has them); kind None: the images as given."""
+    if kind is None:
+        images, masks = split.images, torch.zeros_like(split.images[:, :1])
+    else:
+        images, masks = contaminate(split.images, split.labels, kind, dataset.num_classes, variant=variant,
+                                    seed=seed)
+    return images, (masks if split.masks is None else torch.maximum(masks.to(split.masks.dtype), split.masks))
 
 
 def stratified_subset(split: Split, n: int | None) -> Split:
@@ -70,45 +104,103 @@ def stratified_subset(split: Split, n: int | None) -> Split:
     return split.subset(stratified_take(split.labels, n, torch.Generator().manual_seed(0))[0])
 
 
-def split_versions(split: Split, dataset: Dataset, seed: int, variants: tuple[str, ...] = VARIANTS
-                   ) -> dict[str, torch.Tensor]:
-    """Versions of a split's images (contaminated and permuted ones share signal positions)."""
-    return {v: contaminate_split(split, dataset, v, seed)[0] for v in variants}
+def split_versions(split: Split, dataset: Dataset, kind: str | None, seed: int,
+                   variants: tuple[str, ...] = VARIANTS) -> dict[str, torch.Tensor]:
+    """Versions of a split's images (contaminated and permuted ones share signal positions). The user's own
+    data set adds "test", the split as given (the only version when no contamination is asked for)."""
+    given = {"test": split.images} if dataset.contamination is None else {}
+    if kind is None:
+        return given
+    return {**given, **{v: contaminate_split(split, dataset, kind, v, seed)[0] for v in variants}}
+
+
+def class_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """"balanced": n / (num_classes * n_c) per class c of ``labels`` (inverse class frequency, scikit-learn's
+    rule; a class without images gets weight 0), on the run's device; "none": None."""
+    if config.class_weights == "none":
+        return None
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    weights = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), 0.0)
+    return weights.float().to(config.device)
+
+
+def device_feed(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, num_classes: int,
+                ctx: DistContext, *, kind: str | None = None, variant: str = "contaminated",
+                masks: torch.Tensor | None = None) -> DeviceFeed:
+    """The uint8 training feed of this process's rank: images contaminated per batch with ``kind`` (seeded as
+    the run's training contamination), masks united with ``masks``, shuffled by the run's seed. A set
+    smaller than one global batch gives one batch of all of this rank's share (the teacher's small split)."""
+    share = images.shape[0] // ctx.world_size
+    return DeviceFeed(images, labels, kind=kind, num_classes=num_classes, variant=variant,
+                      batch_size=min(per_rank_batch_size(config.batch_size, ctx.world_size), share), mean=None,
+                      std=None, seed=config.seed, contamination_seed=variant_seed(config.seed, 1),
+                      device=config.device, rank=ctx.rank, world_size=ctx.world_size, masks=masks)
+
+
+def folder_feed(files: FileSplit, config: TrainConfig, dataset: Dataset, ctx: DistContext, *, kind: str | None,
+                variant: str) -> FolderFeed:
+    """The streaming training feed of this process's rank (DALI or torchvision, ``config.feed``): the batches of
+    :func:`device_feed` over the same split held in memory, read from disk."""
+    device = torch.device(config.device)
+    share = len(files.files) // ctx.world_size
+    return FolderFeed(files.files, files.labels, kind=kind, num_classes=dataset.num_classes, variant=variant,
+                      batch_size=min(per_rank_batch_size(config.batch_size, ctx.world_size), share), mean=None,
+                      std=None, seed=config.seed, contamination_seed=variant_seed(config.seed, 1),
+                      image_size=dataset.val.images.shape[-1], channels=dataset.val.images.shape[1],
+                      masks=None if config.clean_train else files.masks,
+                      boxes=None if config.clean_train else files.boxes, soft_masks=config.soft_masks,
+                      device_id=(device.index or 0) if device.type == "cuda" else None, rank=ctx.rank,
+                      world_size=ctx.world_size, backend=resolve_feed(config))
 
 
 def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = None) -> PreparedData:
-    """Contaminate ``dataset`` for a resolved ``config`` and build its training annotations.
+    """The training feed and evaluation sets of ``dataset`` for a resolved ``config``, with its annotations.
 
     Teacher / random annotations hold out ``teacher_fraction`` of the training split as the teacher's clean
     data (section 5.1) and train the student on the contaminated rest. Masks are validated once here.
-    Every rank of ``ctx`` prepares the whole (identical) data; a teacher is trained data-parallel.
+    Every rank of ``ctx`` prepares the whole (identical) evaluation data; a teacher is trained data-parallel.
     """
     device = torch.device(config.device)
+    ctx = ctx or DistContext(device=device)
+    kind = contamination_kind(config, dataset)
     train, info = dataset.train, {"kind": config.annotations if config.method != "none" else None}
     with_teacher = needs_teacher(config)
     teacher_split = None
     if with_teacher:
         teacher_split, train = clean_split(train, config.teacher_fraction, seed=config.seed)
     variant = "clean" if config.clean_train else "contaminated"
-    images, truth = contaminate_split(train, dataset, variant, variant_seed(config.seed, 1))
     test, val = stratified_subset(dataset.test, config.limit_test), stratified_subset(dataset.val, config.limit_val)
     data = PreparedData(
-        dataset=dataset, train_images=images.to(device), train_labels=train.labels.to(device), train_masks=None,
+        dataset=dataset, train=None, train_size=len(train),
+        class_weights=class_weights(config, train.labels, dataset.num_classes),
         val={k: v.to(device)
-             for k, v in split_versions(val, dataset, variant_seed(config.seed, 2), VAL_VARIANTS).items()},
+             for k, v in split_versions(val, dataset, kind, variant_seed(config.seed, 2), VAL_VARIANTS).items()},
         val_labels=val.labels.to(device),
-        test={k: v.to(device) for k, v in split_versions(test, dataset, variant_seed(config.seed, 3)).items()},
+        test={k: v.to(device) for k, v in split_versions(test, dataset, kind, variant_seed(config.seed, 3)).items()},
         test_labels=test.labels.to(device), annotation_info=info)
-    if config.method == "none":
+    if dataset.unmasked is not None:
+        info["images_without_mask"] = dataset.unmasked
+    if dataset.streamed_train is not None:
+        if with_teacher:
+            raise ValueError("teacher and random annotations read the whole training split: use --feed memory")
+        data.train = folder_feed(dataset.streamed_train, config, dataset, ctx, kind=kind, variant=variant)
+        data.train_size = len(dataset.streamed_train.files)
+        data.class_weights = class_weights(config, dataset.streamed_train.labels, dataset.num_classes)
         return data
-    masks = truth
-    if with_teacher:
-        masks, teacher_info = teacher_annotations(config, dataset, teacher_split, data.train_images, data.test,
-                                                  data.test_labels, ctx)
-        info.update(teacher_info)
-        info.update(annotation_quality(masks.cpu(), truth.cpu()))
+    if not with_teacher:
+        user_masks = None if config.clean_train or train.masks is None else train.masks
+        if user_masks is not None and config.method != "none":
+            check_mask_values(user_masks, soft=config.soft_masks, name="training masks")
+        data.train = device_feed(train.images, train.labels, config, dataset.num_classes, ctx, kind=kind, variant=variant,
+                                 masks=user_masks)
+        return data
+    images, truth = contaminate_split(train, dataset, kind, variant, variant_seed(config.seed, 1))
+    masks, teacher_info = teacher_annotations(config, dataset, teacher_split, images.to(device), data.test,
+                                              data.test_labels, ctx)
+    info.update(teacher_info)
+    info.update(annotation_quality(masks.cpu(), truth.cpu()))
     check_mask_values(masks, name="training masks")
-    data.train_masks = masks.to(device)
+    data.train = device_feed(images, train.labels, config, dataset.num_classes, ctx, masks=masks)
     return data
 
 
@@ -127,10 +219,13 @@ def train_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, d
     torch.manual_seed(config.seed)
     teacher = place_model(build_model(arch, dataset.num_classes, teacher_split.images.shape[1], weights=weights,
                                       input_size=teacher_split.images.shape[-1]), device, config.channels_last)
-    fit(TappedModel(teacher, tap_points(arch)), teacher_split.images.to(device), teacher_split.labels.to(device),
-        None, method="none", lam=0.0, epochs=config.teacher_epochs, lr=config.lr, momentum=config.momentum,
-        batch_size=config.batch_size, seed=config.seed, mean=dataset.mean, std=dataset.std, quiet=config.quiet,
-        desc="teacher", **step_options(config), ctx=ctx)
+    feed = device_feed(teacher_split.images, teacher_split.labels, config, dataset.num_classes,
+                       ctx or DistContext(device=device))
+    with TappedModel(teacher, tap_points(arch)) as tapped:
+        fit(tapped, feed, method="none", lam=0.0, epochs=config.teacher_epochs, lr=config.lr,
+            momentum=config.momentum, mean=dataset.mean, std=dataset.std, quiet=config.quiet, desc="teacher",
+            class_weights=class_weights(config, teacher_split.labels, dataset.num_classes), **step_options(config),
+            ctx=ctx)
     teacher.eval()
     return teacher, {"arch": arch, "train_size": len(teacher_split), "epochs": config.teacher_epochs,
                      "train_s": time.perf_counter() - start}
@@ -151,9 +246,14 @@ def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Sp
                                           "teacher_epochs", "tau", "annotations", "amp", "channels_last")}
     cache = Path(config.run_dir) / "annotations.pt" if config.run_dir else None
     if cache is not None and cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        if saved["key"] == key:
-            return saved["masks"].to(images.device), json.loads(saved["info"])
+        try:
+            saved = read_saved(cache, ("key", "masks", "info"))
+        except ValueError as e:
+            print(f"teacher annotations: cache unusable, {e}; training the teacher again to rebuild it",
+                  file=sys.stderr)
+        else:
+            if saved["key"] == key:
+                return saved["masks"].to(images.device), json.loads(saved["info"])
     teacher, record = train_teacher(config, dataset, teacher_split, images.device, ctx)
     record["metrics"] = evaluate_variants(teacher, test, test_labels, metric=dataset.metric, mean=dataset.mean,
                                           std=dataset.std)

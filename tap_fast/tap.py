@@ -28,24 +28,27 @@ def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, no
             and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_size)):
         raise ValueError(f"input_size must be the input's (H, W), two positive ints, got {input_size!r}")
     mask = as_mask_batch(mask, size=input_size)
+    batch, _, mask_h, mask_w = mask.shape
+    device, prev = mask.device, None
     for i, a in enumerate(activations):
-        if not isinstance(a, torch.Tensor) or a.dim() != 4:
-            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ValueError(f"activations[{i}] must be a (B, C_l, H_l, W_l) tensor, got {shape}")
+        shape = a.shape if isinstance(a, torch.Tensor) else None
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"activations[{i}] must be a (B, C_l, H_l, W_l) tensor, got "
+                             f"{tuple(shape) if shape is not None else type(a).__name__}")
         if not a.is_floating_point():
             raise TypeError(f"activations[{i}] must be floating point, got {a.dtype}")
-        if a.shape[0] != mask.shape[0]:
-            raise ValueError(f"mask batch size {mask.shape[0]} does not match activations[{i}] batch size "
-                             f"{a.shape[0]}")
-        if a.shape[-2] > mask.shape[-2] or a.shape[-1] > mask.shape[-1]:
-            raise ValueError(f"activations[{i}] spatial size {tuple(a.shape[-2:])} exceeds the mask size "
-                             f"{tuple(mask.shape[-2:])}: mask must be at input resolution")
-        prev = tuple(activations[i - 1].shape[-2:]) if compound and i else None
-        if prev is not None and (a.shape[-2] > prev[0] or a.shape[-1] > prev[1]):
-            raise ValueError(f"activations[{i}] spatial size {tuple(a.shape[-2:])} exceeds activations[{i - 1}]'s "
+        if shape[0] != batch:
+            raise ValueError(f"mask batch size {batch} does not match activations[{i}] batch size {shape[0]}")
+        h, w = shape[2], shape[3]
+        if h > mask_h or w > mask_w:
+            raise ValueError(f"activations[{i}] spatial size {(h, w)} exceeds the mask size {(mask_h, mask_w)}: "
+                             "mask must be at input resolution")
+        if compound and prev is not None and (h > prev[0] or w > prev[1]):
+            raise ValueError(f"activations[{i}] spatial size {(h, w)} exceeds activations[{i - 1}]'s "
                              f"{prev}: compound=True downscales each layer's mask from the previous layer's")
-        if a.device != mask.device:
-            raise ValueError(f"mask is on {mask.device} but activations[{i}] is on {a.device}")
+        if a.device != device:
+            raise ValueError(f"mask is on {device} but activations[{i}] is on {a.device}")
+        prev = (h, w)
     return mask
 
 

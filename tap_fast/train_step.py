@@ -14,7 +14,8 @@ from tap_fast.tap import tap_penalty, triton_available
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                masks: torch.Tensor | None, *, method: str, lam: float, mean: float, std: float,
                norm: str = "l1", kernel_size: int = 3, compound: bool = False, explain_in_eval: bool = False,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backend: str = "auto", class_weights: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Take one step on a batch and return detached (loss, task_loss, penalty) device scalars.
 
     Args:
@@ -34,6 +35,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
             on CUDA with Triton installed (the fewest memory transfers), "torch" elsewhere.
         explain_in_eval: compute the RRR / RBR term from a second forward pass in eval mode, as the released
             code does; needed for BatchNorm models, whose training-mode backward lacks 3rd-order derivatives.
+        class_weights: (num_classes,) weights of the cross-entropy (``F.cross_entropy(weight=...)``: the
+            weighted mean), also inside RBR's task loss, as the released code weights PNEU; None: unweighted.
     """
     x = normalise(images, mean, std)
     input_grad = method in ("rrr", "rbr") and not explain_in_eval
@@ -50,7 +53,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
                                 identity=backend == "identity")
     else:
         logits, activations = model(x)
-    task_loss = F.cross_entropy(logits, labels)
+    task_loss = F.cross_entropy(logits, labels, weight=class_weights)
 
     if method == "none":
         penalty = torch.zeros((), device=task_loss.device)
@@ -71,7 +74,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
                                   validate=False)
         else:
             penalty = rbr_penalty(logits_explained, x_explained, masks, labels, model.parameters(),
-                                  reduction="sum", validate=False)
+                                  reduction="sum", validate=False, class_weights=class_weights)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 

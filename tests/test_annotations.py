@@ -87,15 +87,15 @@ def test_teacher_annotations_on_digits():
     cfg = resolve(config, ds)
     data = prepare(cfg, ds)
     n_teacher = round(0.25 * len(ds.train))
-    assert data.train_masks.shape == data.train_images.shape
-    assert len(data.train_labels) == len(ds.train) - n_teacher
+    assert data.train.masks.shape == data.train.images.shape and data.train.placement is None  # contaminated set
+    assert len(data.train.labels) == data.train_size == len(ds.train) - n_teacher
     info = data.annotation_info
     assert info["teacher"]["train_size"] == n_teacher
     assert 0.0 < info["fraction"] < 1.0 and 0.0 <= info["precision"] <= 1.0 and 0.0 <= info["recall"] <= 1.0
     assert set(info["teacher"]["metrics"]) == {"contaminated", "permuted", "clean"}
     # A trained teacher finds the 4x4 decoys less salient than the digits: better than random annotations.
     rnd = prepare(resolve(TrainConfig(**{**vars(config), "annotations": "random"}), ds), ds)
-    assert torch.equal(rnd.train_masks.sum((1, 2, 3)), data.train_masks.sum((1, 2, 3)))
+    assert torch.equal(rnd.train.masks.sum((1, 2, 3)), data.train.masks.sum((1, 2, 3)))
     assert info["recall"] > rnd.annotation_info["recall"]
 
 
@@ -114,7 +114,7 @@ def test_annotation_masks_are_cached_in_run_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(preparation, "train_teacher", no_teacher)
     second = prepare(cfg, ds)
-    assert torch.equal(first.train_masks, second.train_masks)
+    assert torch.equal(first.train.masks, second.train.masks)
     assert second.annotation_info == first.annotation_info
 
 

@@ -1,5 +1,7 @@
-"""FolderFeed (DALI CPU pipeline and torchvision fallback) against the reference loader load_dataset and the
-reference contaminate(...) of the whole set; Pillow-exact crop-resize; DDP sharding; the fallback notice.
+"""FolderFeed (DALI CPU pipeline and torchvision fallback) against the in-memory references: load_dataset and
+contaminate(...) of the whole set for the PNEU/KNEE layouts, and for users' folders (odd-sized PNGs, mask PNGs,
+boxes, soft masks, greyscale and RGB) decode_pair read in epoch_order with the same placement, and DeviceFeed
+itself; Pillow-exact crop-resize; DDP sharding; set_epoch; undecodable files named; the fallback notice.
 
 PNG images must match the reference exactly. JPEG decoders may differ (nvJPEG on a GPU is not
 libjpeg-turbo), so JPEG images are compared within JPEG_MAX_DIFF grey levels (on this CPU machine DALI's,
@@ -7,15 +9,18 @@ torchvision's and Pillow's libjpeg-turbo decodes agree exactly).
 """
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tap_fast.contamination import contaminate
+from tap_fast.contamination import contaminate, signal_placement
 from tap_fast.dali_feed import FolderFeed, centre_square_resize, dali_available, folder_split, pad_batch, pil_grey
 from tap_fast.datasets import load_dataset
+from tap_fast.feeds import DeviceFeed, epoch_order
+from tap_fast.folder_dataset import attach_boxes, attach_masks, decode_pair, list_user_folder
 
 JPEG_MAX_DIFF = 8  # grey levels, max over pixels, between a feed's JPEG decode and Pillow's
 MEAN, STD = 0.5549, 0.2232
@@ -134,24 +139,13 @@ def test_ddp_shards_disjoint_and_equal(backend, world_size, knee):
         for feed in feeds:
             feed.set_epoch(epoch)
             shares.append([i for idx, *_ in feed.indexed() for i in idx.tolist()])
+            assert shares[-1] == epoch_order(n, epoch=epoch, seed=3, rank=feed.rank,
+                                             world_size=world_size)[:len(feed) * b].tolist()
         assert all(len(s) == len(feeds[0]) * b == (n // world_size) // b * b for s in shares)
         flat = [i for s in shares for i in s]
         assert len(flat) == len(set(flat))  # disjoint within the epoch
         epochs.append(flat)
     assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # reshuffled
-
-
-def test_dali_epochs_must_be_read_in_sequence(knee):
-    if not dali_available():
-        pytest.skip("DALI not installed")
-    files, labels = folder_split("knee", knee, "train")
-    feed = make_feed(files, labels, "dali", batch_size=4)
-    next(iter(feed))  # a part-read epoch is finished before the next one starts
-    with pytest.raises(ValueError, match="epoch must be 1"):
-        feed.set_epoch(0)
-    feed.set_epoch(1)
-    idx = [i for idx, *_ in feed.indexed() for i in idx.tolist()]
-    assert len(idx) == len(set(idx)) == 8
 
 
 def test_fallback_to_torchvision_without_dali(monkeypatch, knee):
@@ -277,8 +271,8 @@ def test_corrupt_image_is_named(backend, how, tmp_path):
 @pytest.mark.skipif(not dali_available(), reason="DALI not installed")
 @pytest.mark.parametrize("rank", [0, 1])
 def test_dali_corrupt_image_named_on_every_shard(rank, tmp_path):
-    """The replayed reader finds the failed batch in a later epoch of a shard, also in the remainder that
-    drop_last skips and the next epoch reads first (rank 0: file 4 is the remainder of its first epoch)."""
+    """The failed batch is the oldest one DALI holds: decoding its files one by one names the bad one, in
+    whichever epoch puts it in this rank's share (batches are read a batch ahead)."""
     bad = corrupt_knee(tmp_path, "truncated", which=4)
     files, labels = folder_split("knee", tmp_path, "train")
     assert files[4] == bad
@@ -324,3 +318,257 @@ def test_uint8_batches_without_normalisation(backend, knee):
         assert x.dtype == torch.uint8 and torch.equal(x, ref_x[idx]) and torch.equal(m, ref_m[idx].float())
         seen += len(idx)
     assert seen == 8 and ref_m.any()
+
+
+# --- users' folders: the streaming feed against the in-memory path (decode_pair + epoch_order + placement) ----
+
+USER_SIZE = 16  # output side: every image is resized (down from odd sizes)
+USER_SIZES = [(29, 37), (37, 29), (31, 31), (23, 50), (45, 41)]  # (h, w)
+USER_N = 11  # training images: batch sizes 2, 3, 4 do not divide it
+
+
+def write_user_folder(root):
+    """DIR/{train,test}/{a,b}/*.png, greyscale and RGB, with mask PNGs (binary at levels 255 or 9, and soft
+    grey levels) for every third training image and boxes (one or two) for every fourth; returns
+    (data dir, binary masks dir, soft masks dir, boxes CSV)."""
+    data, binary, soft = root / "data", root / "masks", root / "soft"
+    rows = ["path,x0,y0,x1,y1"]
+    for split, n in (("train", USER_N), ("test", 2)):
+        for k in range(n):
+            h, w = USER_SIZES[k % len(USER_SIZES)]
+            rel = Path(split) / "ab"[k % 2] / f"im{k:02d}.png"
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture(h, w, k, 3 if k % 2 else 1)).save(data / rel)
+            if split == "train" and k % 3 == 0:
+                level = np.zeros((h, w), dtype=np.uint8)
+                level[h // 4: h // 2 + 3, w // 3: w // 3 + 7] = 1
+                for folder, pixels in ((binary, level * (255 if k % 2 else 9)),
+                                       (soft, level * np.arange(w, dtype=np.uint8)[None] * 5)):
+                    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pixels).save(folder / rel)
+            if split == "train" and k % 4 == 1:
+                rows.append(f"{rel.as_posix()},1,2,{w // 2},{h // 3}")
+                if k % 8 == 1:
+                    rows.append(f"{rel.as_posix()},{w - 6},{h - 4},{w},{h}")
+    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
+    return data, binary, soft, root / "boxes.csv"
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """The training split's files and labels with the per-file annotations of each kind."""
+    data, binary, soft, boxes_csv = write_user_folder(tmp_path_factory.mktemp("user"))
+    listing = list_user_folder(data)
+    files = [p for p, _ in listing.splits["train"]]
+    annotations = {"none": {}}
+    for name, folder in (("masks", binary), ("soft", soft)):
+        attach_masks(listing, folder)
+        annotations[name] = {"masks": [listing.masks.get(p) for p in files]}
+    attach_boxes(listing, boxes_csv)
+    annotations["boxes"] = {"boxes": [listing.boxes.get(p, []) for p in files]}
+    annotations["soft+boxes"] = {**annotations["soft"], **annotations["boxes"], "soft_masks": True}
+    labels = torch.tensor([y for _, y in listing.splits["train"]])
+    return files, labels, annotations
+
+
+def user_feed(user, backend, annotations="none", **kw):
+    files, labels, annotations_of = user
+    kw = {"kind": None, "num_classes": 2, "batch_size": 4, "seed": 3, "num_threads": 2, "mean": None, "std": None,
+          "image_size": USER_SIZE, "drop_last": False, "backend": backend, **annotations_of[annotations], **kw}
+    return FolderFeed(files, labels, **kw)
+
+
+def memory_set(user, annotations="none", channels=1):
+    """decode_pair of every file: images (N, C, S, S) uint8 and masks (N, 1, S, S) float32."""
+    files, _, annotations_of = user
+    kw = annotations_of[annotations]
+    masks, boxes = kw.get("masks", [None] * len(files)), kw.get("boxes", [[]] * len(files))
+    pairs = [decode_pair(f, USER_SIZE, channels, mask_file=m, boxes=b, soft=kw.get("soft_masks", False))
+             for f, m, b in zip(files, masks, boxes)]
+    return (torch.from_numpy(np.stack([im for im, _ in pairs])),
+            torch.from_numpy(np.stack([m for _, m in pairs])).float())
+
+
+def memory_batches(user, annotations="none", channels=1, *, kind=None, epoch=0, batch_size=4, drop_last=False,
+                   rank=0, world_size=1, seed=3):
+    """The in-memory path: decode_pair's images and masks read in epoch_order, contaminated by the same
+    placement, the mask the union of the user's and the contamination's."""
+    _, labels, _ = user
+    images, masks = memory_set(user, annotations, channels)
+    placement = None if kind is None else signal_placement(labels, kind, 2, height=USER_SIZE, width=USER_SIZE,
+                                                           seed=seed)
+    order = epoch_order(len(labels), epoch=epoch, seed=seed, rank=rank, world_size=world_size)
+    if drop_last:
+        order = order[:len(order) // batch_size * batch_size]
+    for idx in order.split(batch_size):
+        x, m = images[idx], masks[idx]
+        if placement is not None:
+            x, signal = placement.apply(x, idx)
+            m = torch.maximum(m, signal.float())
+        yield idx, x, labels[idx], m
+
+
+def assert_same_batches(feed, reference, soft=False):
+    got, want = list(feed.indexed()), list(reference)
+    assert len(got) == len(want) == len(feed) > 0
+    for (idx, x, y, m), (ref_idx, ref_x, ref_y, ref_m) in zip(got, want):
+        assert torch.equal(idx, ref_idx) and torch.equal(y, ref_y)
+        assert x.dtype == torch.uint8 and torch.equal(x, ref_x)
+        assert m.dtype == torch.float32 and m.shape == (len(idx), 1, USER_SIZE, USER_SIZE)
+        if soft:
+            assert (m - ref_m).abs().max() <= 1e-6
+        else:
+            assert torch.equal(m, ref_m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("annotations,kind", [("none", None), ("masks", None), ("boxes", "stripe"),
+                                              ("soft+boxes", "stripe")])
+def test_user_folder_equals_memory_path(backend, channels, annotations, kind, user):
+    """Two epochs of every batch (the last one partial): images, labels and masks equal decode_pair's in
+    epoch_order, the masks united with the contamination's; the comparison is not vacuous."""
+    images, masks = memory_set(user, annotations, channels)
+    assert masks.any() == (annotations != "none") and (annotations != "soft+boxes" or (masks % 1).any())
+    feed = user_feed(user, backend, annotations, channels=channels, kind=kind)
+    for epoch in range(2):
+        assert_same_batches(feed, memory_batches(user, annotations, channels, kind=kind, epoch=epoch),
+                            soft=annotations.startswith("soft"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size,drop_last", [(1, True), (3, True), (USER_N, False)])
+def test_user_folder_batch_sizes(backend, batch_size, drop_last, user):
+    feed = user_feed(user, backend, "masks", channels=3, kind="stripe", batch_size=batch_size, drop_last=drop_last)
+    assert len(feed) == (USER_N // batch_size if drop_last else 1)
+    assert_same_batches(feed, memory_batches(user, "masks", 3, kind="stripe", batch_size=batch_size,
+                                             drop_last=drop_last))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_user_folder_rank_shards(backend, world_size, user):
+    """Each rank reads its epoch_order share, equal to the memory path's; the shares are disjoint and equal."""
+    seen = []
+    for rank in range(world_size):
+        feed = user_feed(user, backend, "boxes", kind="stripe", batch_size=2, rank=rank, world_size=world_size)
+        feed.set_epoch(1)
+        assert_same_batches(feed, memory_batches(user, "boxes", kind="stripe", epoch=1, batch_size=2, rank=rank,
+                                                 world_size=world_size))
+        seen.append(feed.order().tolist())
+    flat = [i for share in seen for i in share]
+    assert len(flat) == len(set(flat)) == USER_N // world_size * world_size
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_epoch_jumps(backend, user):
+    """Any epoch in any order, also after an epoch left part-read (DALI then discards what it read ahead)."""
+    feed = user_feed(user, backend, "masks", batch_size=3)
+    for epoch in (5, 2):
+        feed.set_epoch(epoch)
+        assert_same_batches(feed, memory_batches(user, "masks", epoch=epoch, batch_size=3))
+        assert feed.epoch == epoch + 1
+    batches = feed.indexed()
+    next(batches)  # epoch 3, left part-read
+    del batches
+    feed.set_epoch(5)
+    assert_same_batches(feed, memory_batches(user, "masks", epoch=5, batch_size=3))
+    assert_same_batches(feed, memory_batches(user, "masks", epoch=6, batch_size=3))
+
+
+def test_dali_reads_one_epoch_at_a_time(user):
+    """An epoch still being read when a later one starts ends with an error, not with the later one's batches."""
+    pytest.importorskip("nvidia.dali")
+    feed = user_feed(user, "dali", batch_size=3)
+    first = feed.indexed()
+    next(first)
+    assert_same_batches(feed, memory_batches(user, epoch=1, batch_size=3))
+    with pytest.raises(RuntimeError, match="a later epoch was started"):
+        next(first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_same_batches_as_device_feed(backend, channels, user):
+    """The memory feed over decode_pair's set and the streaming feed over the files: identical normalised
+    batches for the same seed, epoch after epoch."""
+    _, labels, _ = user
+    images, masks = memory_set(user, "masks", channels)
+    kw = {"kind": "stripe", "num_classes": 2, "batch_size": 4, "mean": MEAN, "std": STD, "seed": 9,
+          "contamination_seed": 4, "drop_last": True}
+    memory = DeviceFeed(images, labels, device="cpu", masks=masks, **kw)
+    streaming = user_feed(user, backend, "masks", channels=channels, **kw)
+    for _ in range(2):
+        got, want = list(streaming), list(memory)
+        assert len(got) == len(want) == USER_N // 4
+        for batch, ref in zip(got, want):
+            assert all(torch.equal(a, b) for a, b in zip(batch, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_user_mask_errors_are_named(backend, user, tmp_path):
+    files, labels, _ = user
+    grey = np.zeros((USER_SIZES[0][0], USER_SIZES[0][1]), dtype=np.uint8)
+    grey[0, :2] = 100, 200
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(grey[1:]).save(tmp_path / "short.png")  # files[0] is 37x29 (w x h)
+    for mask, match in (("grey.png", "grey.png is not binary.*--soft-masks"),
+                        ("short.png", "short.png: its size 37x28 differs from its image's 37x29")):
+        masks = [tmp_path / mask] + [None] * (len(files) - 1)
+        feed = FolderFeed(files, labels, kind=None, num_classes=2, batch_size=USER_N, mean=None, std=None,
+                          image_size=USER_SIZE, masks=masks, backend=backend, num_threads=2)
+        with pytest.raises(ValueError, match=match):
+            list(feed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_user_image_is_named(backend, tmp_path):
+    data, binary, _, _ = write_user_folder(tmp_path)
+    listing = list_user_folder(data)
+    attach_masks(listing, binary)
+    files = [p for p, _ in listing.splits["train"]]
+    bad = files[3]  # has a mask (its header still reads)
+    bad.write_bytes(bad.read_bytes()[:200])
+    feed = FolderFeed(files, torch.zeros(len(files), dtype=torch.int64), kind=None, num_classes=2, batch_size=3,
+                      mean=None, std=None, image_size=USER_SIZE, channels=3, backend=backend, num_threads=2,
+                      masks=[listing.masks.get(p) for p in files])
+    with pytest.raises(ValueError, match=f"cannot read image {bad}: "):
+        for _ in range(3):
+            list(feed)
+
+
+def test_torchvision_refuses_16_bit_png(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((9, 7), 40000, dtype=np.uint16)).save(path)
+    feed = FolderFeed([path], torch.zeros(1, dtype=torch.int64), kind=None, num_classes=2, batch_size=1,
+                      mean=None, std=None, image_size=4, backend="torchvision")
+    with pytest.raises(ValueError, match=f"cannot read image {path}: .*16-bit"):
+        list(feed)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"channels": 2}, "channels must be 1 or 3"),
+    ({"masks": [None]}, r"masks must give one mask file \(or None\) per file, got 1 for 11"),
+    ({"masks": ["/nonexistent/m.png"] + [None] * 10}, "missing"),
+    ({"boxes": [[]] * 3}, "boxes must give one list of boxes per file, got 3 for 11"),
+    ({"boxes": [[(3, 0, 3, 4)]] + [[]] * 10}, r"boxes of .*im00.png must be \(x0, y0, x1, y1\) integer pixels"),
+    ({"boxes": [[(0, 0, 1.5, 4)]] + [[]] * 10}, "integer pixels"),
+])
+def test_bad_annotation_arguments(kwargs, match, user):
+    with pytest.raises(ValueError, match=match):
+        user_feed(user, "torchvision", **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_gpu_user_folder_equals_memory_path(backend, channels, user):
+    """DALI's mixed decoder and torchvision on cuda:0, with masks, boxes and a contamination."""
+    feed = user_feed(user, backend, "soft+boxes", channels=channels, kind="stripe", device_id=0)
+    got = [tuple(t.cpu() for t in batch) for batch in feed.indexed()]
+    want = list(memory_batches(user, "soft+boxes", channels, kind="stripe"))
+    assert len(got) == len(want)
+    for (idx, x, y, m), (ref_idx, ref_x, ref_y, ref_m) in zip(got, want):
+        assert torch.equal(idx, ref_idx) and torch.equal(x, ref_x) and torch.equal(y, ref_y)
+        assert (m - ref_m).abs().max() <= 1e-6

@@ -180,7 +180,8 @@ def test_gpu_feed_equals_cpu_reference_without_host_syncs(case):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"images_uint8": torch.zeros(4, 1, 8, 8)}, TypeError, "images_uint8 must be a uint8"),
-    ({"images_uint8": torch.zeros(4, 3, 8, 8, dtype=torch.uint8)}, ValueError, r"\(N, H, W\) or \(N, 1, H, W\)"),
+    ({"images_uint8": torch.zeros(4, 2, 8, 8, dtype=torch.uint8)}, ValueError, r"\(N, C, H, W\) with C = 1 or 3"),
+    ({"masks": torch.zeros(4, 1, 28, 27)}, ValueError, r"masks must be a \(4, 1, 28, 28\) tensor"),
     ({"labels": torch.zeros(3, dtype=torch.int64)}, ValueError, "labels has 3 entries"),
     ({"labels": torch.zeros(4)}, TypeError, "labels must be a 1-D integer"),
     ({"kind": "blur"}, ValueError, "kind must be one of"),
@@ -242,3 +243,30 @@ def test_mean_and_std_go_together():
     images, labels = make_set(8, 9, 9, 2)
     with pytest.raises(ValueError, match="mean and std must both be numbers .* or both be None"):
         DeviceFeed(images, labels, kind=None, num_classes=2, batch_size=2, mean=None, std=0.3, device="cpu")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_given_masks_are_united_with_the_contamination(channels):
+    """A set's own masks (users' annotations) ride with their images; a batch's mask is their union with the
+    contamination's, and the images are contaminated as contaminate() does on every channel."""
+    g = torch.Generator().manual_seed(3)
+    n, size = 9, 28
+    images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % 10
+    given = (torch.rand(n, 1, size, size, generator=g) < 0.05).to(torch.uint8)
+    feed = DeviceFeed(images, labels, kind="decoy", num_classes=10, batch_size=4, mean=None, std=None, seed=5,
+                      contamination_seed=11, device="cpu", masks=given)
+    ref_x, ref_m = contaminate(images, labels, "decoy", 10, seed=11)
+    order = feed.order()
+    seen = 0
+    for (x, y, m), idx in zip(feed, order.split(4)):
+        assert x.shape == (4, channels, size, size) and m.shape == (4, 1, size, size)
+        assert torch.equal(x, ref_x[idx]) and torch.equal(y, labels[idx])
+        assert torch.equal(m, torch.maximum(ref_m[idx], given[idx]).float())
+        seen += 1
+    assert seen == 2 and torch.equal(order, epoch_order(n, epoch=0, seed=5)[:8])
+    plain = DeviceFeed(images, labels, kind=None, num_classes=10, batch_size=4, mean=None, std=None, seed=5,
+                       device="cpu", masks=given)
+    x, _, m = next(iter(plain))
+    idx = epoch_order(n, epoch=0, seed=5)[:4]
+    assert torch.equal(x, images[idx]) and torch.equal(m, given[idx].float())

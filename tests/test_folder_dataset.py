@@ -83,7 +83,8 @@ def test_mask_errors(tmp_path):
     Image.fromarray(np.zeros((15, 16), dtype=np.uint8)).save(masks / "train" / "cat" / "im1.png")
     attach_masks(listing, masks)
     with pytest.raises(ValueError, match="im1.png: its size 16x15 differs from its image's 16x16"):
-        decode_pair(data / "train" / "cat" / "im1.png", 8, 1, mask_file=listing.masks[data / "train" / "cat" / "im1.png"])
+        image = data / "train" / "cat" / "im1.png"
+        decode_pair(image, 8, 1, mask_file=listing.masks[image])
     Image.fromarray(grey).save(masks / "train" / "cat" / "stray.png")
     with pytest.raises(ValueError, match="name no image.*stray.png"):
         attach_masks(listing, masks)
@@ -117,3 +118,17 @@ def test_bad_boxes(tmp_path, text, message):
     (tmp_path / "boxes.csv").write_text(text)
     with pytest.raises(ValueError, match=message):
         attach_boxes(list_user_folder(tmp_path), tmp_path / "boxes.csv")
+
+
+def test_soft_mask_with_boxes(tmp_path):
+    """A soft mask file and boxes on one image: the boxes are drawn over the mask's grey levels."""
+    write_folder(tmp_path / "data", size=(16, 16))
+    grey = np.zeros((16, 16), dtype=np.uint8)
+    grey[0, :3] = 50, 100, 150
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(grey).save(tmp_path / "masks" / "im0.png")
+    _, mask = decode_pair(tmp_path / "data" / "train" / "cat" / "im0.png", 16, 1,
+                          mask_file=tmp_path / "masks" / "im0.png", boxes=[(8, 8, 16, 16)], soft=True)
+    expected = grey.astype(np.float32) / 255
+    expected[8:, 8:] = 1
+    np.testing.assert_array_equal(mask[0], expected)  # same size: no resampling

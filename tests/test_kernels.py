@@ -117,16 +117,19 @@ def test_penalty_strided_and_mixed_inputs(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", ["l1", "l2sq"])
 def test_saves_no_activation_copy(device, norm):
-    """Autograd keeps each Z by reference plus one B x H_l x W_l map per layer, nothing Z-sized."""
+    """Autograd keeps each Z by reference plus one B x H_l x W_l map per layer (all in one buffer, each
+    from an ALIGN-aligned offset), nothing Z-sized."""
     b, h, w, layers = CASES["odd"]
     zs = _activations(b, layers, device, torch.float32, channels_last=False)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fused_tap_penalty(zs, _mask("random", b, h, w, device), norm=norm)
     z_ptrs = {z.data_ptr() for z in zs}
-    maps = [t for t in saved if t.data_ptr() not in z_ptrs]
-    assert len(saved) == 2 * len(zs) and {t.data_ptr() for t in saved} >= z_ptrs
-    assert sorted(tuple(t.shape) for t in maps) == sorted((b, hl, wl) for _, hl, wl in layers)
+    maps = {t.data_ptr(): t for t in saved if t.data_ptr() not in z_ptrs}
+    assert len(saved) == len(zs) + 1 and {t.data_ptr() for t in saved} >= z_ptrs
+    (buffer,) = maps.values()
+    align = tap_launch.ALIGN
+    assert buffer.dim() == 1 and buffer.numel() == sum(-(-b * hl * wl // align) * align for _, hl, wl in layers)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,8 +178,8 @@ def test_forward_builds_d_bit_identical(device, kind, kernel_size, nested):
     kinds = [tap_launch.source_kind(None if i == 0 else sizes[i - 1], size, (h, w), kernel_size)
              for i, size in enumerate(sizes)]
     assert kinds[1:] == ["sums"] * 4 if nested else "sums" not in kinds
-    _, d_maps = tap_launch.tap_forward(zs, mask, "l1", kernel_size, False)
-    _, l2sq_maps = tap_launch.tap_forward(zs, mask, "l2sq", kernel_size, False)
+    _, d_maps, _ = tap_launch.tap_forward(zs, mask, "l1", kernel_size, False)
+    _, l2sq_maps, _ = tap_launch.tap_forward(zs, mask, "l2sq", kernel_size, False)
     for i, (size, z, d, wmap, ref) in enumerate(zip(sizes, zs, d_maps, l2sq_maps,
                                                     downscale_masks(mask, sizes, kernel_size))):
         assert d.dtype == torch.float32 and d.shape == ref.shape
@@ -201,9 +204,9 @@ def test_mask_source_reads_the_mask_once(device, identity, monkeypatch):
     sources = []
     real = tap_launch.tap_layer_forward
 
-    def recording(z, src, *args):
-        sources.append(tuple(src.shape[1:]))
-        return real(z, src, *args)
+    def recording(z, src, src_hw, *args, **kwargs):
+        sources.append(tuple(src_hw))
+        return real(z, src, src_hw, *args, **kwargs)
 
     monkeypatch.setattr(tap_launch, "tap_layer_forward", recording)
     source = MaskSource(mask)
@@ -238,7 +241,7 @@ def test_mask_dtypes(device, mask_dtype, kernel_size):
     mask = (soft < 0.3) if mask_dtype == torch.bool else soft.to(mask_dtype)
     map_dtype = torch.float32 if mask_dtype == torch.bool else mask_dtype
     zs = _activations(b, [(3, *size) for size in sizes], device, torch.float32, channels_last=False)
-    _, d_maps = tap_launch.tap_forward([z.detach() for z in zs], mask, "l1", kernel_size, False)
+    _, d_maps, _ = tap_launch.tap_forward([z.detach() for z in zs], mask, "l1", kernel_size, False)
     for d, ref in zip(d_maps, downscale_masks(mask, sizes, kernel_size)):
         assert d.dtype == ref.dtype == map_dtype and torch.equal(d, ref)
     for norm in ("l1", "l2sq"):  # "l2sq"'s gradient, 2 D^2 A per pixel, shows an unrounded D elementwise

@@ -31,7 +31,7 @@ from step_batches import uint8_batches
 from tap_fast.compiled_step import make_step
 from tap_fast.models import build_model, tap_points
 from tap_fast.tap import tap_penalty, tap_penalty_reference
-from tap_fast.taps import TappedModel
+from tap_fast.tapped_model import TappedModel
 from tap_fast.train_step import train_step
 
 try:
@@ -191,10 +191,10 @@ def test_backward_adds_into_the_downstream_gradient(monkeypatch):
 
     grad_outs = {}
 
-    def recording(grad_penalty, z, w, n_layers, grad_out=None):
+    def recording(grad_penalty, z, w, n_layers, grad_out=None, w_off=0):
         assert n_layers == 1 and grad_out is not None and tuple(z.shape) not in grad_outs
         grad_outs[tuple(z.shape)] = grad_out.clone()
-        return real(grad_penalty, z, w, n_layers, grad_out)
+        return real(grad_penalty, z, w, n_layers, grad_out, w_off)
 
     real = tap_launch.tap_grad
     monkeypatch.setattr(tap_launch, "tap_grad", recording)
@@ -238,13 +238,13 @@ def test_each_layer_gradient_when_the_backward_reaches_it(form, monkeypatch):
     from kernels import tap_launch
 
     events = []
-    real = tap_launch.tap_grad
+    real = tap_launch.planned_grad  # every form's gradient launch (tap_grad plans, then calls it)
 
-    def recording(grad_penalty, z, w, n_layers, grad_out=None):
+    def recording(plan, grad_penalty, z, w, grad_out=None):
         events.append(("tap_grad", tuple(z.shape[1:])))
-        return real(grad_penalty, z, w, n_layers, grad_out)
+        return real(plan, grad_penalty, z, w, grad_out)
 
-    monkeypatch.setattr(tap_launch, "tap_grad", recording)
+    monkeypatch.setattr(tap_launch, "planned_grad", recording)
     model, x, y, mask, options = _setup("resnet18-l1", "cpu")
     shapes = [tuple(a.shape[1:]) for a in model(x)[1]]
     for name, shape in zip(model.tap_names, shapes):

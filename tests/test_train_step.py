@@ -61,3 +61,47 @@ def test_train_step_refuses_masks_not_at_the_images_size(method, backend):
     _, _, penalty = train_step_module.train_step(model, opt, images, labels, masks[..., :28, :28], method=method,
                                                  lam=0.5, mean=MEAN, std=STD, backend=backend)
     assert penalty > 0
+
+
+@pytest.mark.parametrize("method", ["none", "rbr"])
+def test_class_weights_weight_the_cross_entropy_and_rbr(method):
+    """class_weights are F.cross_entropy's weight: the weighted mean, in the task loss and in RBR's (checked
+    against explicit computations on the model before the step, on random inputs and unequal weights)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from tap_fast.input_gradients import rbr_penalty
+
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (5, 1, 11, 11), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 1, 1, 2, 1])
+    masks = (torch.rand(5, 1, 11, 11, generator=g) < 0.3).to(torch.uint8)
+    weights = torch.tensor([0.5, 2.0, 1.25] + [1.0] * 7)
+    net = build_model("cnn2", 10, input_size=11).eval()  # no dropout: the explicit pass sees the same model
+    before = copy.deepcopy(net)
+    x = normalise(images, MEAN, STD).requires_grad_(True)
+    logits = before(x)
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    task = (weights[labels] * per_sample).sum() / weights[labels].sum()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    _, task_step, penalty = train_step_module.train_step(
+        TappedModel(net, tap_points("cnn2")), opt, images, labels, masks, method=method, lam=1.0, mean=MEAN,
+        std=STD, class_weights=weights)
+    torch.testing.assert_close(task_step, task.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(task, per_sample.mean())  # the weights matter here
+    if method == "rbr":
+        expected = rbr_penalty(logits, x, masks, labels, before.parameters(), class_weights=weights)
+        unweighted = rbr_penalty(logits, x, masks, labels, before.parameters())
+        torch.testing.assert_close(penalty, expected.detach(), rtol=1e-4, atol=1e-8)
+        assert not torch.allclose(expected, unweighted)
+
+
+def test_balanced_class_weights_are_inverse_frequencies():
+    from tap_fast.config import TrainConfig
+    from tap_fast.preparation import class_weights
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    w = class_weights(TrainConfig(class_weights="balanced", device="cpu"), labels, 4)
+    torch.testing.assert_close(w, torch.tensor([6 / 12, 6 / 4, 6 / 8, 0.0]))  # n / (K n_c); absent class: 0
+    assert class_weights(TrainConfig(device="cpu"), labels, 4) is None

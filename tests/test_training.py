@@ -22,7 +22,7 @@ from tap_fast.train_step import train_step
 from tap_fast.config import TrainConfig, check_config, default_lambda, resolve, sweep_lambdas
 from tap_fast.experiments import sweep, train
 from tap_fast.loop import fit
-from tap_fast.preparation import load, prepare
+from tap_fast.preparation import device_feed, load, prepare, variant_seed
 
 MEAN, STD = 0.2, 0.4
 
@@ -250,8 +250,13 @@ def test_prepare_contaminates_each_split_once_with_ground_truth_masks():
     ds = load(config)
     config = resolve(config, ds)
     data = prepare(config, ds)
-    assert data.train_images.dtype == torch.uint8 and data.train_masks.dtype == torch.uint8
-    assert torch.equal(data.train_masks.sum((1, 2, 3)), torch.full((100,), 16))  # one 4x4 decoy each
+    feed = data.train  # the clean set on the device, contaminated per batch as contaminate(all)[batch]
+    assert torch.equal(feed.images, ds.train.images) and feed.placement is not None and feed.batch_size == 100
+    images, truth = contaminate(ds.train.images, ds.train.labels, "decoy", 10, seed=variant_seed(config.seed, 1))
+    order = feed.order()
+    x, y, mask = next(iter(feed))
+    assert torch.equal(x, images[order]) and torch.equal(y, ds.train.labels[order])
+    assert torch.equal(mask, truth[order].float()) and torch.equal(mask.sum((1, 2, 3)), torch.full((100,), 16.0))
     assert set(data.test) == {"contaminated", "permuted", "clean"} and len(data.test_labels) == 40
     assert torch.equal(data.test["clean"], ds.test.subset(stratified_take(ds.test.labels, 40,
                                                                           torch.Generator().manual_seed(0))[0]).images)
@@ -260,7 +265,7 @@ def test_prepare_contaminates_each_split_once_with_ground_truth_masks():
     same_place = (data.test["contaminated"] != data.test["clean"]).any(1, keepdim=True)
     assert differs.any() and not (differs & ~same_place).any()  # permuting changes only decoy pixels
     base = prepare(dataclasses.replace(config, method="none", clean_train=True), ds)
-    assert base.train_masks is None and torch.equal(base.train_images, ds.train.images)
+    assert base.train.placement is None and base.train.masks is None and torch.equal(base.train.images, ds.train.images)
 
 
 # --- fit: checkpoints and resume --------------------------------------------------------------------------
@@ -311,14 +316,16 @@ def _indexed_images(n, size=12):
 
 
 def _fit_batches(n, batch_size, ctx=None, epochs=2):
+    """The samples of each batch fit trains on, from the run's feed (preparation.device_feed)."""
     seen = []
     net = build_model("cnn2", 10, input_size=12)
     net.register_forward_pre_hook(lambda m, args: seen.append(
         ((args[0][:, 0, 0, 0] * STD + MEAN) * 255).round().long().tolist()))
     labels = torch.arange(n) % 10
-    fit(TappedModel(net, tap_points("cnn2")), _indexed_images(n), labels, None, method="none", lam=0.0,
-        epochs=epochs, lr=0.01, momentum=0.9, batch_size=batch_size, seed=4, mean=MEAN, std=STD, quiet=True,
-        ctx=ctx)
+    config = TrainConfig(batch_size=batch_size, seed=4, device="cpu")
+    feed = device_feed(_indexed_images(n), labels, config, 10, ctx or DistContext())
+    fit(TappedModel(net, tap_points("cnn2")), feed, method="none", lam=0.0, epochs=epochs, lr=0.01, momentum=0.9,
+        mean=MEAN, std=STD, quiet=True, ctx=ctx)
     return seen
 
 
