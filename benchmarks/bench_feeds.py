@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tap_fast.dali_feed import FolderFeed, dali_available, folder_split  # noqa: E402
-from tap_fast.datasets import load_dataset  # noqa: E402
+from tap_fast.dali_feed import FolderFeed, dali_available  # noqa: E402
+from tap_fast.datasets import folder_split, load_dataset  # noqa: E402
 from tap_fast.feeds import DeviceFeed  # noqa: E402
 from tap_fast.folder_dataset import FolderListing, attach_masks, decode_split, list_user_folder  # noqa: E402
 

@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tap_fast.choices import ARCH_NAMES, METHODS  # noqa: E402
+from tap_fast.choices import ARCH_NAMES, DISTILLATION_METHODS, METHODS  # noqa: E402
 from tap_fast.cli import non_negative_int, positive_float, positive_int  # noqa: E402
 from tap_fast.compiled_step import make_step  # noqa: E402
-from tap_fast.config import default_lambda, resolve_device  # noqa: E402
+from tap_fast.config import KD_TEMPERATURE, default_lambda, resolve_device  # noqa: E402
 from tap_fast.contamination import contaminate  # noqa: E402
 from tap_fast.feeds import DeviceFeed  # noqa: E402
 from tap_fast.loop import fit  # noqa: E402
@@ -47,9 +47,11 @@ from tap_fast.tapped_model import TappedModel  # noqa: E402
 ROWS = {"none": ("No XS", "none", "auto"), "tap": ("TAP (training default)", "tap", "auto"),
         "tap-ref": ("TAP (reference)", "tap", "torch"), "rrr": ("RRR", "rrr", "torch"), "rbr": ("RBR", "rbr", "torch"),
         "tap-id": ("TAP (fused, identity form)", "tap", "identity"),
-        "tap-sep": ("TAP (fused, separate form)", "tap", "triton")}
+        "tap-sep": ("TAP (fused, separate form)", "tap", "triton"),
+        "at": ("AT (Appendix M)", "at", "torch"), "jt": ("JT (Appendix M)", "jt", "torch"),
+        "kd": ("KD (Appendix M)", "kd", "torch")}
 # lambda only scales a gradient term, so its value does not change a step's cost.
-TIMING_LAMBDA = {"none": 0.0, "tap": 1e-3, "rrr": 1e-3, "rbr": 1.0}
+TIMING_LAMBDA = {"none": 0.0, "tap": 1e-3, "rrr": 1e-3, "rbr": 1.0, "at": 1.0, "jt": 1e-3, "kd": 1.0}
 # Table 1 of the paper (RTX 3080 10 GB, PyTorch 1.13, batch 16, 224x224): (it/s, GB); None = OOM.
 PAPER_TABLE1 = {
     "vgg16": {"none": (12.1, 4.4), "rrr": (2.6, 9.7), "rbr": (1.7, 8.6), "tap": (11.8, 4.4)},
@@ -64,7 +66,7 @@ MNIST_MEAN_STD = (0.1307, 0.3081)  # section 5 / released code
 MNIST_BATCH = 256  # section 5.3
 DATA_SETS = 4  # distinct batches the timed steps rotate over
 MAX_BATCH_START = 16  # the first batch largest_batch tries ('max' configs)
-OWN_LARGEST_BATCH = ("rrr", "rbr")  # rows that run at their own largest batch, not TAP's
+OWN_LARGEST_BATCH = ("rrr", "rbr", "jt")  # rows that run at their own largest batch (double backward), not TAP's
 
 
 @dataclass(frozen=True)
@@ -119,16 +121,23 @@ def make_data(config: Config, batch: int, device: torch.device, *, sets: int = D
 
 def build_step(config: Config, row: str, device: torch.device, *, amp_dtype: torch.dtype | None = None,
                compile: bool = False, cuda_graphs: bool = False, channels_last: bool = False):
-    """A fresh seeded model, SGD (momentum 0.9) and the training step of ``row`` for ``config``."""
+    """A fresh seeded model, SGD (momentum 0.9) and the training step of ``row`` for ``config``. The distillation
+    rows (AT, JT, KD) distil from an untrained, frozen teacher of the same arch: a step costs the same whatever
+    the teacher's weights (training uses the data set's default arch, ``config.DEFAULT_ARCH``)."""
     _, method, backend = ROWS[row]
     torch.manual_seed(0)
     with torch.device(device):
         net = build_model(config.arch, config.num_classes, 1, input_size=config.size)
+        teacher = None
+        if method in DISTILLATION_METHODS:
+            frozen = build_model(config.arch, config.num_classes, 1, input_size=config.size).requires_grad_(False)
+            teacher = TappedModel(frozen, tap_points(config.arch))
     model = TappedModel(net, tap_points(config.arch)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     return make_step(model, optimizer, method=method, lam=TIMING_LAMBDA[method], mean=0.5, std=0.25,
                      backend=backend, compile=compile, cuda_graphs=cuda_graphs, amp_dtype=amp_dtype,
-                     channels_last=channels_last)
+                     channels_last=channels_last, teacher=teacher,
+                     temperature=KD_TEMPERATURE if method == "kd" else None)
 
 
 def _sync(device: torch.device) -> None:
@@ -255,8 +264,8 @@ def row_groups(config: Config, rows: list[str], max_rows: list[str]) -> list[tup
     """(row whose largest batch to search for, or None for the config's own batch; rows to run at it).
 
     A fixed batch runs ``rows`` together. At the largest batch ('max' configs), the rows of ``max_rows``
-    other than RRR and RBR run together at TAP's largest batch, so that their time and memory compare;
-    RRR and RBR, whose double backward needs more memory, each run at their own largest batch.
+    other than RRR, RBR and JT run together at TAP's largest batch, so that their time and memory compare;
+    RRR, RBR and JT, whose double backward needs more memory, each run at their own largest batch.
     """
     if config.batch != 0:
         return [(None, rows)]
@@ -382,10 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arch@size:batch (batch an int or 'max'); default: the paper's set on a GPU "
                         f"{' '.join(GPU_CONFIGS)}, on the CPU {' '.join(CPU_CONFIGS)}")
     p.add_argument("--rows", default=None, help=f"comma-separated of {','.join(ROWS)}; default "
-                                                "none,tap,tap-ref,rrr,rbr on a GPU, none,tap,rrr,rbr on the CPU")
+                                                "none,tap,tap-ref,rrr,rbr,at,jt,kd on a GPU, none,tap,rrr,rbr,at,jt,kd "
+                                                "on the CPU")
     p.add_argument("--max-rows", default="none,tap,tap-ref",
-                   help="rows at the largest batch ('max' configs): rrr and rbr each at their own largest batch, "
-                        "the others together at TAP's")
+                   help="rows at the largest batch ('max' configs): rrr, rbr and jt each at their own largest "
+                        "batch, the others together at TAP's")
     p.add_argument("--max-limit", type=positive_int, default=1024,
                    help=f"largest batch tried for 'max' configs (at least {MAX_BATCH_START})")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated of fp32,bf16 (bf16 = autocast)")
@@ -447,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     configs = args.configs if args.configs is not None else [parse_config(c) for c in (GPU_CONFIGS if gpu else
                                                                                         CPU_CONFIGS)]
-    rows = (args.rows or ("none,tap,tap-ref,rrr,rbr" if gpu else "none,tap,rrr,rbr")).split(",")
+    rows = (args.rows or ("none,tap,tap-ref,rrr,rbr,at,jt,kd" if gpu else "none,tap,rrr,rbr,at,jt,kd")).split(",")
     dtypes = args.dtypes.split(",")
     out = Path(args.out) if args.out else None
     if out:

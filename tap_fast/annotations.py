@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tap_fast.choices import TAU_RULES
 from tap_fast.feeds import normalise
 from tap_fast.input_gradients import input_gradient
 from tap_fast.masks import as_mask_batch
@@ -37,11 +38,23 @@ def saliency_maps(model: nn.Module, images: torch.Tensor, *, mean: float, std: f
     return torch.cat(out)
 
 
-def threshold_saliency(saliency: torch.Tensor, tau: float) -> torch.Tensor:
-    """Eq. 14: M = 1 where E < tau (low-saliency pixels are annotated as spurious), else 0; uint8."""
+def threshold_saliency(saliency: torch.Tensor, tau: float, rule: str = "quantile") -> torch.Tensor:
+    """Eq. 14's annotation of low-saliency pixels as spurious: uint8 masks (N, 1, H, W) of saliency (N, 1, H, W).
+
+    rule "quantile" (the released code, behind Tables 12-17): exactly k = round(tau * H * W) pixels per image
+    (Python's round: halves to even), its k lowest-saliency ones; ties are broken by a stable sort on the
+    row-major pixel index, so among equal values the first pixels (top rows, then left columns) are masked.
+    rule "threshold" (eq. 14 as printed): M = 1 where E < tau.
+    """
     if not 0.0 < float(tau) <= 1.0:
         raise ValueError(f"tau must lie in (0, 1], got {tau!r}")
-    return (saliency < tau).to(torch.uint8)
+    if rule not in TAU_RULES:
+        raise ValueError(f"rule must be one of {TAU_RULES}, got {rule!r}")
+    if rule == "threshold":
+        return (saliency < tau).to(torch.uint8)
+    flat = saliency.flatten(1)
+    lowest = flat.argsort(dim=1, stable=True)[:, :round(float(tau) * flat.shape[1])]
+    return torch.zeros_like(flat, dtype=torch.uint8).scatter_(1, lowest, 1).view_as(saliency)
 
 
 def random_masks(reference: torch.Tensor, *, generator: torch.Generator | None = None,

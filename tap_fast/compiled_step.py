@@ -1,7 +1,7 @@
 """The hot-loop training step: :func:`tap_fast.train_step.train_step` made fast.
 
 :func:`make_step` wraps the eager step (forward, CE + lambda * penalty, backward, optimizer step) with,
-as options: ``torch.compile`` (forward, TAP, backward and the optimizer step all compiled; RRR and RBR,
+as options: ``torch.compile`` (forward, TAP, backward and the optimizer step all compiled; RRR, RBR and JT,
 whose double backward does not compile, stay eager), a CUDA graph holding the whole step (captured once
 on static input buffers, then replayed: one launch per step), bf16 autocast, and channels_last. The step
 returns device tensors and never syncs with the host, so metrics can be summed on the device and read
@@ -17,21 +17,18 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kernels import NORMS
-from tap_fast.choices import METHODS, STEP_BACKENDS
+from tap_fast.choices import DISTILLATION_METHODS, METHODS, STEP_BACKENDS
+from tap_fast.distillation import check_temperature
 from tap_fast.distributed import unwrap
 from tap_fast.tapped_model import TappedModel, fused_tap_ops
 from tap_fast.train_step import train_step
 
-COMPILED_METHODS = ("none", "tap")  # RRR / RBR need double backward, which torch.compile cannot trace
+# RRR / RBR / JT need double backward, which torch.compile cannot trace; AT and KD compile
+COMPILED_METHODS = ("none", "tap", "at", "kd")
 AMP_DTYPES = (None, torch.bfloat16)
 GRAPH_WARMUP_STEPS = 3  # lazy optimizer state, recompiles and cuDNN autotuning happen before capture
 DDP_GRAPH_WARMUP_STEPS = 11  # DDP's reducer needs 11 eager iterations before capture (torch.cuda.graphs docs)
 COMPILED_AUTO_BACKEND = "torch"  # what TAP's backend "auto" means under torch.compile: see make_step
-
-
-def uses_batchnorm(model: nn.Module) -> bool:
-    """True if ``model`` holds a BatchNorm layer (its training-mode backward lacks 3rd-order derivatives)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def rbr_scale(world_size: int) -> float:
@@ -115,16 +112,19 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
               explain_in_eval: bool | None = None, backend: str = "auto", compile: bool = False,
               compile_backend: str = "inductor", cuda_graphs: bool = False, amp_dtype: torch.dtype | None = None,
               channels_last: bool = False, warmup_steps: int | None = None,
-              class_weights: torch.Tensor | None = None) -> TrainStep:
+              class_weights: torch.Tensor | None = None, teacher: nn.Module | None = None,
+              temperature: float | None = None) -> TrainStep:
     """Build the training step for ``model`` (a :class:`~tap_fast.tapped_model.TappedModel`, optionally in DDP).
 
     Args:
         method, lam, norm, kernel_size, compound, backend: as :func:`~tap_fast.train_step.train_step`
             (``backend`` is TAP's), except that with ``compile`` "auto" is "torch" (below).
         mean, std: normalisation of the uint8 images, as (x / 255 - mean) / std.
-        explain_in_eval: RRR / RBR explanations from an eval-mode pass; None: when the model has BatchNorm.
-        compile: ``torch.compile`` the step (methods "none" and "tap"; RRR / RBR run eager). Static shapes
-            (``dynamic=False``); the optimizer step is compiled too.
+        explain_in_eval: RRR / RBR explanations from an eval-mode pass; None (the default): for every model, as
+            the released code (BatchNorm models need it: their training-mode backward lacks 3rd-order
+            derivatives; VGG-16 is explained without dropout).
+        compile: ``torch.compile`` the step (methods ``COMPILED_METHODS``; RRR / RBR / JT run eager). Static
+            shapes (``dynamic=False``); the optimizer step is compiled too.
         compile_backend: the torch.compile backend ("inductor"; "aot_eager" traces without code generation).
         cuda_graphs: capture the whole step in one CUDA graph (CUDA models only). The graph holds the
             parameters, gradients and optimizer state it was captured with: load checkpoints before building
@@ -133,6 +133,9 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
         channels_last: convert the model and each batch to channels_last memory format.
         warmup_steps: uncaptured steps before the graph is captured (default 3; 11 under DDP).
         class_weights: (num_classes,) cross-entropy weights on the model's device, as ``train_step``'s.
+        teacher: methods "at", "jt", "kd" only (required there): the frozen teacher, a TappedModel on the
+            model's device, put in eval mode (and channels_last with ``channels_last``) here.
+        temperature: method "kd" only (required there): T of :func:`~tap_fast.distillation.kd_penalty`.
 
     Under DDP the RBR term is scaled by :func:`rbr_scale` so that training equals one process's at the
     same global batch; the returned penalty is scaled alike (its mean over ranks is the global value).
@@ -156,11 +159,16 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
     about 3 forward and 7 backward Z^l-sized transfers per layer.
     """
     _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile)
+    _check_teacher(method, teacher, temperature)
+    if teacher is not None:
+        teacher.eval()
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
     if compile and method in COMPILED_METHODS and backend == "auto":
         backend = COMPILED_AUTO_BACKEND
     tapped = unwrap(model)
     if explain_in_eval is None:
-        explain_in_eval = method in ("rrr", "rbr") and uses_batchnorm(tapped)
+        explain_in_eval = True
     if channels_last:
         tapped.to(memory_format=torch.channels_last)
     ddp = isinstance(model, DistributedDataParallel)
@@ -174,7 +182,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
             loss, task_loss, penalty = train_step(
                 model, optimizer, images, labels, masks, method=method, lam=lam * scale, mean=mean, std=std,
                 norm=norm, kernel_size=kernel_size, compound=compound, explain_in_eval=explain_in_eval,
-                backend=backend, class_weights=class_weights)
+                backend=backend, class_weights=class_weights, teacher=teacher, temperature=temperature)
         return loss, task_loss, penalty * scale
 
     if compile and method in COMPILED_METHODS:
@@ -184,6 +192,19 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str
     if not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")
     return TrainStep(body, cuda_graphs=cuda_graphs, warmup_steps=warmup_steps, channels_last=channels_last)
+
+
+def _check_teacher(method: str, teacher: nn.Module | None, temperature: float | None) -> None:
+    """A TappedModel teacher exactly for the distillation methods; a positive temperature exactly for "kd"."""
+    if method in DISTILLATION_METHODS and not isinstance(teacher, TappedModel):
+        raise TypeError(f"teacher must be a TappedModel (the frozen teacher) for method {method!r}, got "
+                        f"{type(teacher).__name__}")
+    if method not in DISTILLATION_METHODS and teacher is not None:
+        raise ValueError(f"teacher applies to methods {DISTILLATION_METHODS} only, got method {method!r}")
+    if method == "kd":
+        check_temperature(temperature)
+    elif temperature is not None:
+        raise ValueError(f"temperature applies to method 'kd' only, got method {method!r}")
 
 
 def _check_step_args(model, optimizer, method, lam, norm, backend, amp_dtype, cuda_graphs, compile) -> None:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from kernels import NORMS, check_kernel_size, interpreter_enabled
-from tap_fast.choices import (AMP_MODES, ANNOTATIONS, ARCH_NAMES, CLASS_WEIGHTS, CONTAMINATIONS, DATASETS, FEEDS,
-                              METHODS, STEP_BACKENDS)
+from tap_fast.choices import (AMP_MODES, ANNOTATIONS, ARCH_NAMES, CLASS_WEIGHTS, CONTAMINATIONS, DATASETS,
+                              DISTILLATION_METHODS, FEEDS, METHODS, PERMUTES, STEP_BACKENDS, SWEEP_GRIDS, TAG_MASKS,
+                              TAU_RULES)
 from tap_fast.datasets import Dataset
+from tap_fast.distillation import check_temperature
 from tap_fast.tap import triton_available
 
 AMP = dict(zip(AMP_MODES, (None, torch.bfloat16), strict=True))  # autocast dtype of the step (weights stay fp32)
@@ -39,18 +41,28 @@ _TABLE3 = {("pneu", "densenet121"): (1e-6, 1e-8, 1e5), ("pneu", "resnet18"): (1e
            ("pneu", "vgg16"): (1e-7, 1e-3, 1e0), ("knee", "densenet121"): (1e-5, 1e-2, 1e3),
            ("knee", "resnet18"): (1e-5, 1e-1, 1e4), ("knee", "vgg16"): (1e-6, 1e-2, 1e9),
            ("mnist", "cnn2"): (1e-4, 1e-2, 1e4)}
+# Appendix M, Table 21: lambda (AT, JT, KD) per (data set, arch), students of the teacher-annotation teachers.
+_TABLE21 = {("pneu", "densenet121"): (1e2, 1e-9, 1e-4), ("pneu", "resnet18"): (1e0, 1e-3, 1e4),
+            ("pneu", "vgg16"): (1e3, 1e-6, 1e2), ("knee", "densenet121"): (1e3, 1e1, 1e1),
+            ("knee", "resnet18"): (1e3, 1e1, 1e3), ("knee", "vgg16"): (1e3, 1e1, 1e2),
+            ("mnist", "cnn2"): (1e0, 1e-7, 1e0)}
 # Keys (family, arch, method, setting); Appendix H adds EfficientNet-B0 with ground-truth annotations.
 PAPER_LAMBDAS = {
     **{(family, arch, method, setting): lam
        for setting, table in (("gt", _TABLE2), ("teacher", _TABLE3)) for (family, arch), lams in table.items()
        for method, lam in zip(("tap", "rrr", "rbr"), lams)},
+    **{(family, arch, method, "teacher"): lam for (family, arch), lams in _TABLE21.items()
+       for method, lam in zip(DISTILLATION_METHODS, lams)},
     ("pneu", "efficientnet_b0", "tap", "gt"): 1e-6, ("knee", "efficientnet_b0", "tap", "gt"): 1e-5,
     ("knee", "efficientnet_b0", "rrr", "gt"): 1e-6, ("knee", "efficientnet_b0", "rbr", "gt"): 1e3,
 }
 # TAP with the L1 norm of eq. 8 (this package's default): values measured with this code (cnn2 on MNIST).
 L1_TAP_LAMBDAS = {("mnist", "cnn2", "gt"): 1e-2, ("mnist", "cnn2", "teacher"): 1e-3}
 # Section 5.3: lambda is tuned in log steps over these ranges.
-SWEEP_RANGE = {"tap": (-9, 0), "rrr": (-9, 0), "rbr": (0, 9)}
+SWEEP_RANGE = {"tap": (-9, 0), "rrr": (-9, 0), "rbr": (0, 9),
+               **dict.fromkeys(DISTILLATION_METHODS, (-9, 4))}  # Appendix M: 1e-9 .. 1e4 for AT, JT, KD
+# KD's temperature T (Hinton et al. 2015): Table 21 gives none, so 4, a common choice.
+KD_TEMPERATURE = 4.0
 
 
 @dataclass
@@ -73,9 +85,15 @@ class TrainConfig:
     clean_train: bool = False  # the "Base" model: trained on clean data, method "none"
     norm: str = "l1"
     lam: float | None = None
+    temperature: float | None = None  # method "kd": T of Hinton et al.; None: KD_TEMPERATURE
     tau: float = 0.01
+    tau_rule: str = "quantile"  # eq. 14: mask the tau fraction of lowest-saliency pixels (released), or E < tau
+    permute: str = "random"  # SC(X*, permute(y)): a random signal per image (binary: swap), or a derangement
+    tag_mask: str = "box"  # a text tag's mask: its whole box (annotators draw boxes; released), or its ink
     teacher_fraction: float = 0.1
     teacher_epochs: int | None = None  # default: epochs
+    teacher_lr: float = 1e-4  # the released teachers' SGD learning rate
+    teacher_weight_decay: float = 1e-4  # c of the released teachers' explicit L2 term c * ||theta||^2
     epochs: int = 50
     lr: float | None = None
     momentum: float = 0.9
@@ -83,7 +101,7 @@ class TrainConfig:
     kernel_size: int = 3
     compound: bool = False
     channels_last: bool = True  # memory layout only (same model; ~2x faster convs on a CPU)
-    compile: bool = False  # torch.compile the step (methods none / tap; RRR and RBR stay eager)
+    compile: bool = False  # torch.compile the step (RRR, RBR and JT stay eager)
     tap_backend: str = "auto"  # TAP's kernels: auto, torch, triton, identity (choices.STEP_BACKENDS)
     cuda_graphs: bool = False  # capture the whole step in one CUDA graph (CUDA only)
     amp: str = "none"  # "none" (fp32) or "bf16" autocast
@@ -97,11 +115,12 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace a checkpoint in run_dir instead of refusing to
     quiet: bool = False
+    overlap: bool = True  # record Appendix D's overlap (eq. 17) on the contaminated test set after training
 
 
 # Fields that do not change what a run computes (checked when resuming).
 RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "overwrite", "quiet", "cache_dir", "channels_last",
-                  "compile", "cuda_graphs", "tap_backend", "feed")
+                  "compile", "cuda_graphs", "tap_backend", "feed", "overlap")
 
 
 def run_meta(config: TrainConfig) -> dict:
@@ -111,10 +130,11 @@ def run_meta(config: TrainConfig) -> dict:
 
 def default_lambda(method: str, norm: str, dataset: str, arch: str, annotations: str) -> float:
     """lambda of eq. 3 for a run: 0 for "none"; Appendix C's choice for RRR / RBR and for TAP with "l2sq";
-    this package's measured value for TAP with "l1". Raises ValueError where none is known."""
+    this package's measured value for TAP with "l1"; Table 21's for AT / JT / KD (whatever ``annotations``).
+    Raises ValueError where none is known."""
     if method == "none":
         return 0.0
-    setting = "gt" if annotations == "ground-truth" else "teacher"
+    setting = "gt" if annotations == "ground-truth" and method not in DISTILLATION_METHODS else "teacher"
     family = FAMILY[dataset]
     table, key = ((L1_TAP_LAMBDAS, (family, arch, setting)) if method == "tap" and norm == "l1"
                   else (PAPER_LAMBDAS, (family, arch, method, setting)))
@@ -126,12 +146,17 @@ def default_lambda(method: str, norm: str, dataset: str, arch: str, annotations:
     return table[key]
 
 
-def sweep_lambdas(method: str) -> list[float]:
-    """Section 5.3's grid: 1e-9 .. 1 for TAP and RRR, 1 .. 1e9 for RBR, in steps of a factor 10."""
+def sweep_lambdas(method: str, grid: str = "decade") -> list[float]:
+    """Section 5.3's range: 1e-9 .. 1 for TAP and RRR, 1 .. 1e9 for RBR (Appendix M: 1e-9 .. 1e4 for AT, JT,
+    KD), in steps of a factor 10 ("decade", the paper's grid) or with 3 x 10^k between them ("half": 1e-9,
+    3e-9, 1e-8, ..., 3e-1, 1)."""
     if method not in SWEEP_RANGE:
         raise ValueError(f"method must be one of {tuple(SWEEP_RANGE)} for a lambda sweep, got {method!r}")
+    if grid not in SWEEP_GRIDS:
+        raise ValueError(f"grid must be one of {SWEEP_GRIDS}, got {grid!r}")
     lo, hi = SWEEP_RANGE[method]
-    return [10.0 ** e for e in range(lo, hi + 1)]
+    steps = (1,) if grid == "decade" else (1, 3)
+    return [float(f"{m}e{e}") for e in range(lo, hi) for m in steps] + [float(f"1e{hi}")]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -157,7 +182,7 @@ def check_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first invalid field of ``config``."""
     choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS, "amp": AMP_MODES,
                "tap_backend": STEP_BACKENDS, "contamination": (None, *CONTAMINATIONS), "class_weights": CLASS_WEIGHTS,
-               "feed": FEEDS, "channels": (1, 3)}
+               "feed": FEEDS, "channels": (1, 3), "tau_rule": TAU_RULES, "permute": PERMUTES, "tag_mask": TAG_MASKS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(config, name)!r}")
@@ -170,6 +195,8 @@ def check_config(config: TrainConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_kernel_size(config.kernel_size)
+    if not isinstance(config.overlap, bool):
+        raise ValueError(f"overlap must be True or False, got {config.overlap!r}")
     if not 0.0 <= config.momentum < 1.0:
         raise ValueError(f"momentum must lie in [0, 1), got {config.momentum!r}")
     if config.lr is not None and not config.lr > 0:
@@ -180,6 +207,11 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"tau must lie in (0, 1], got {config.tau!r}")
     if not 0.0 < config.teacher_fraction < 1.0:
         raise ValueError(f"teacher_fraction must lie in (0, 1), got {config.teacher_fraction!r}")
+    if not (config.teacher_lr > 0 and math.isfinite(config.teacher_lr)):
+        raise ValueError(f"teacher_lr must be a finite number > 0, got {config.teacher_lr!r}")
+    if not (config.teacher_weight_decay >= 0 and math.isfinite(config.teacher_weight_decay)):
+        raise ValueError(f"teacher_weight_decay must be a finite number >= 0, got {config.teacher_weight_decay!r}")
+    _check_distillation(config)
     if config.clean_train and config.method != "none":
         raise ValueError(f"clean_train trains the Base model without XS: method must be 'none', got "
                          f"{config.method!r}")
@@ -189,6 +221,18 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("resume needs run_dir (--run-dir), the folder holding checkpoint.pt")
     if config.resume and config.overwrite:
         raise ValueError("overwrite starts run_dir's checkpoint again, resume (--resume) continues it: pass one")
+
+
+def _check_distillation(config: TrainConfig) -> None:
+    """temperature only with method "kd" (and positive); no random annotations for AT / JT / KD, which learn from
+    the teacher itself and use no masks."""
+    if config.temperature is not None:
+        if config.method != "kd":
+            raise ValueError(f"temperature applies to method 'kd' only, got method {config.method!r}")
+        check_temperature(config.temperature)
+    if config.method in DISTILLATION_METHODS and config.annotations == "random":
+        raise ValueError(f"annotations 'random' draws masks, which method {config.method!r} does not use (it "
+                         "learns from the teacher itself): leave annotations at its default")
 
 
 def _check_folder_options(config: TrainConfig) -> None:
@@ -240,7 +284,7 @@ def resolve(config: TrainConfig, dataset: Dataset | None = None) -> TrainConfig:
                                                                    arch, config.annotations)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE[FAMILY[config.dataset]]
     if dataset is not None:
-        n = len(dataset.train)
+        n = dataset.train_size
         n -= round(config.teacher_fraction * n) if needs_teacher(config) else 0  # clean_split's held-out share
         if config.batch_size is not None and config.batch_size > n:
             raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training images; pass batch_size "
@@ -248,6 +292,8 @@ def resolve(config: TrainConfig, dataset: Dataset | None = None) -> TrainConfig:
         batch_size = min(batch_size, n)
     return dataclasses.replace(
         config, arch=arch, weights=weights, lam=float(lam),
+        temperature=(KD_TEMPERATURE if config.temperature is None else config.temperature) if config.method == "kd"
+        else None,
         lr=config.lr if config.lr is not None else DEFAULT_LR.get(arch, DEEP_LR), batch_size=batch_size,
         teacher_epochs=(config.teacher_epochs or config.epochs) if needs_teacher(config) else None,
         device=str(_checked_device(config)))
@@ -261,12 +307,18 @@ def _checked_device(config: TrainConfig) -> torch.device:
 
 
 def needs_teacher(config: TrainConfig) -> bool:
-    """Whether the run's masks come from a teacher (section 4.2: teacher or random annotations)."""
-    return config.method != "none" and config.annotations != "ground-truth"
+    """Whether the run trains a teacher: for its masks (section 4.2: teacher or random annotations) or to
+    distil from (Appendix M: AT, JT, KD)."""
+    return config.method in DISTILLATION_METHODS or (config.method != "none" and config.annotations != "ground-truth")
 
 
 def step_options(config: TrainConfig) -> dict:
     """fit's step options (compile, CUDA graphs, amp, channels_last, TAP backend) from a config."""
     return {"compile": config.compile, "cuda_graphs": config.cuda_graphs, "amp_dtype": AMP[config.amp],
             "channels_last": config.channels_last, "backend": config.tap_backend}
+
+
+def signal_options(config: TrainConfig) -> dict:
+    """contaminate's options from a config: the permuted sets' signal (permute) and the tags' masks (tag_mask)."""
+    return {"permute": config.permute, "tag_mask": config.tag_mask}
 

@@ -1,15 +1,17 @@
 """Spurious contaminations SC(X*, y) and SC(X*, permute(y)) of section 5.1 and Appendix F.
 
 Each ``add_*`` function writes a label-revealing signal into a batch of uint8 images (N, C, H, W) and
-returns the contaminated copy with its ground-truth annotation mask (N, 1, H, W) uint8, 1 exactly on the
-pixels written. ``signal`` is the label the spurious signal encodes: the true label for SC(X*, y), a
-permuted one for SC(X*, permute(y)). Positions are drawn from ``generator`` on its own device (the global
+returns the contaminated copy with its ground-truth annotation mask (N, 1, H, W) uint8, 1 on the pixels
+written (a text tag's whole box by default, its ink with ``tag_mask="ink"``). ``signal`` is the label the
+spurious signal encodes: the true label for SC(X*, y), a permuted one for SC(X*, permute(y))
+(:func:`permuted_signal`). Positions are drawn from ``generator`` on its own device (the global
 CPU generator when None) and moved to the images' device, so a seeded CPU generator gives the same
 contamination on CPU and GPU.
 
-Every contamination is a :class:`SignalPlacement`: a few template masks, and per sample which template and
-which value. :func:`signal_placement` draws the one :func:`contaminate` applies, without images, so a feed
-can contaminate each batch as it arrives (``placement.apply(batch, samples)``) holding O(N) numbers.
+Every contamination is a :class:`SignalPlacement`: a few templates (the pixels written, and the masks where
+they differ), and per sample which template and which value. :func:`signal_placement` draws the one
+:func:`contaminate` applies, without images, so a feed can contaminate each batch as it arrives
+(``placement.apply(batch, samples)``) holding O(N) numbers.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tap_fast.choices import PERMUTES, TAG_MASKS
 from tap_fast.glyphs import render
 
 KINDS = ("decoy", "tag", "stripe")
@@ -31,6 +34,7 @@ REFERENCE_SIZE = 224  # tag height, margin and stripe geometry are given for 224
 TAG_HEIGHT, TAG_MARGIN = 22, 6
 STRIPE_WIDTH, STRIPE_MAX_OFFSET = 6, 15
 STRIPE_STEPS = {2: 127, 5: 51}  # Appendix F: PNEU 255 - y*127, KNEE 255 - y*51
+SIGNAL_STREAM = 0x9E3779B9  # xor'ed into a set's seed for its permuted signal (signal_seed)
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -76,16 +80,20 @@ def _draw(high: int, n: int, generator: torch.Generator | None, device: torch.de
 
 @dataclass(frozen=True)
 class SignalPlacement:
-    """Sample i of a set gets ``values[i]`` on the pixels of ``templates[index[i]]``.
+    """Sample i of a set gets ``values[i]`` on the pixels of ``templates[index[i]]`` and the ground-truth mask
+    ``mask_templates[index[i]]``.
 
-    templates: (P, H, W) bool; index: (N,) int64 into templates; values: (N,) uint8.
+    templates: (P, H, W) bool; index: (N,) int64 into templates; values: (N,) uint8; mask_templates:
+    (P, H, W) bool, or None when the mask is the pixels written (a text tag's box mask covers more).
     """
     templates: torch.Tensor
     index: torch.Tensor
     values: torch.Tensor
+    mask_templates: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> SignalPlacement:
-        return SignalPlacement(self.templates.to(device), self.index.to(device), self.values.to(device))
+        return SignalPlacement(self.templates.to(device), self.index.to(device), self.values.to(device),
+                               None if self.mask_templates is None else self.mask_templates.to(device))
 
     def apply(self, images: torch.Tensor, samples: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +105,10 @@ class SignalPlacement:
         if index.shape[0] != images.shape[0] or tuple(images.shape[-2:]) != tuple(self.templates.shape[-2:]):
             raise ValueError(f"images must have shape ({index.shape[0]}, C, {self.templates.shape[-2]}, "
                              f"{self.templates.shape[-1]}) for this placement, got {tuple(images.shape)}")
-        mask = self.templates.to(images.device)[index.to(images.device)].unsqueeze(1)
-        out = torch.where(mask, values.to(images.device, torch.uint8).view(-1, 1, 1, 1), images)
+        index = index.to(images.device)
+        written = self.templates.to(images.device)[index].unsqueeze(1)
+        out = torch.where(written, values.to(images.device, torch.uint8).view(-1, 1, 1, 1), images)
+        mask = written if self.mask_templates is None else self.mask_templates.to(images.device)[index].unsqueeze(1)
         return out, mask.to(torch.uint8)
 
 
@@ -132,14 +142,24 @@ def _decoy_placement(signal: torch.Tensor, height: int, width: int, generator: t
 
 
 def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str], *, height: int | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, tag_mask: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
     """Medical text tags (section 5.1): tags[signal] in white (255) bold monospace, about 22 px high on
     224x224 images (round(22 H / 224), at least 5 px, unless ``height`` is given), in a random corner
-    round(6 H / 224) px (at least 1) from the edges."""
+    round(6 H / 224) px (at least 1) from the edges.
+
+    The mask is the tag's whole box with ``tag_mask="box"`` (annotators draw boxes; the released mask is the
+    tag's box, 22 x 44 px at 224 in its font, 22 x 54 for three letters in this one), or only the pixels
+    written with "ink"; the images are the same either way."""
     images = _check_images(images)
     _check_tags(tags)
+    _check_choice("tag_mask", tag_mask, TAG_MASKS)
     signal = _check_signal(signal, images.shape[0], len(tags), images.device)
-    return _tag_placement(signal, tags, *images.shape[-2:], height, generator).apply(images)
+    return _tag_placement(signal, tags, *images.shape[-2:], height, generator, tag_mask).apply(images)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _check_tags(tags: Sequence[str]) -> None:
@@ -151,13 +171,15 @@ def _check_tags(tags: Sequence[str]) -> None:
 
 
 def _tag_placement(signal: torch.Tensor, tags: Sequence[str], img_h: int, img_w: int, height: int | None,
-                   generator: torch.Generator | None) -> SignalPlacement:
+                   generator: torch.Generator | None, tag_mask: str) -> SignalPlacement:
     height = _scaled(TAG_HEIGHT, img_h, 5) if height is None else height
     margin = _scaled(TAG_MARGIN, img_h, 1)
-    templates = torch.stack([_corner_templates(render(t, height), img_h, img_w, margin) for t in tags])
+    bitmaps = [render(t, height) for t in tags]
+    templates = torch.stack([_corner_templates(b, img_h, img_w, margin) for b in bitmaps]).flatten(0, 1)
+    boxes = None if tag_mask == "ink" else torch.stack(
+        [_corner_templates(torch.ones_like(b), img_h, img_w, margin) for b in bitmaps]).flatten(0, 1)
     corner = _draw(4, signal.shape[0], generator, signal.device)
-    return SignalPlacement(templates.flatten(0, 1), signal * 4 + corner,
-                           torch.full_like(signal, 255, dtype=torch.uint8))
+    return SignalPlacement(templates, signal * 4 + corner, torch.full_like(signal, 255, dtype=torch.uint8), boxes)
 
 
 def stripe_step(num_classes: int) -> int:
@@ -192,38 +214,54 @@ def _stripe_placement(signal: torch.Tensor, num_classes: int, img_h: int, img_w:
 
 
 def signal_permutation(num_classes: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random label -> signal permutation other than the identity (a swap for 2 classes), int64 on CPU."""
+    """A random derangement of the labels (a permutation without fixed points: no label keeps its signal),
+    uniform over the derangements (randperm draws, rejected while one has a fixed point; the swap for 2
+    classes); int64 on CPU."""
     _check_num_classes(num_classes)
-    if num_classes == 2:
-        return torch.tensor([1, 0])
     gen_device = generator.device if generator is not None else torch.device("cpu")
     identity = torch.arange(num_classes)
     while True:
         perm = torch.randperm(num_classes, generator=generator, device=gen_device).cpu()
-        if not torch.equal(perm, identity):
+        if not perm.eq(identity).any():
             return perm
 
 
-def permuted_signal(labels: torch.Tensor, num_classes: int, *, generator: torch.Generator | None = None
-                    ) -> torch.Tensor:
-    """The signal of SC(X*, permute(y)): perm[labels] for one random non-identity permutation."""
+def permuted_signal(labels: torch.Tensor, num_classes: int, *, permute: str = "random",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The signal of SC(X*, permute(y)) for ``labels`` (N,), int64 on the labels' device.
+
+    permute "random" (section 5.1 "randomises the patch assignment", as the released code): each image's
+    signal is uniform over the classes, independent of its label (it equals the label with probability
+    1 / num_classes); 2 classes swap (1 - label), as the paper's binary tasks do. "derangement":
+    perm[labels] for one :func:`signal_permutation` (no image keeps its signal)."""
     _check_num_classes(num_classes)
+    _check_choice("permute", permute, PERMUTES)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a 1-D integer torch.Tensor, got {got}")
     labels = _check_signal(labels, labels.shape[0], num_classes, labels.device, "labels")
-    return signal_permutation(num_classes, generator=generator).to(labels.device)[labels]
+    if permute == "derangement":
+        return signal_permutation(num_classes, generator=generator).to(labels.device)[labels]
+    if num_classes == 2:
+        return 1 - labels
+    return _draw(num_classes, labels.shape[0], generator, labels.device)
+
+
+def signal_seed(seed: int) -> int:
+    """The seed of the permuted signal's generator for a set seeded ``seed``: a stream of its own (a CPU
+    generator uses a seed's low 32 bits; with the positions' own stream, randint(K) and randint(4) of the
+    same draws would share their parity, tying each image's signal to its corner)."""
+    return (int(seed) ^ SIGNAL_STREAM) & 0xFFFFFFFF
 
 
 def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, height: int, width: int,
-                     variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None
-                     ) -> SignalPlacement | None:
+                     variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None,
+                     permute: str = "random", tag_mask: str = "box") -> SignalPlacement | None:
     """The placement :func:`contaminate` writes into N images of ``height`` x ``width`` px with labels
     ``labels`` (N,), on the labels' device; None for variant "clean". Arguments as :func:`contaminate`."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    for name, value, allowed in (("kind", kind, KINDS), ("variant", variant, VARIANTS),
+                                 ("permute", permute, PERMUTES), ("tag_mask", tag_mask, TAG_MASKS)):
+        _check_choice(name, value, allowed)
     if tags is not None and kind != "tag":
         raise ValueError(f"tags apply to kind='tag' only, got kind={kind!r}")
     _check_num_classes(num_classes)
@@ -243,7 +281,8 @@ def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, heigh
         return None
     signal = labels
     if variant == "permuted":
-        signal = permuted_signal(labels, num_classes, generator=torch.Generator().manual_seed(seed))
+        signal = permuted_signal(labels, num_classes, permute=permute,
+                                 generator=torch.Generator().manual_seed(signal_seed(seed)))
     generator = torch.Generator().manual_seed(seed)
     if kind == "decoy":
         return _decoy_placement(_check_signal(signal, n, 11, signal.device), height, width, generator)
@@ -251,19 +290,21 @@ def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, heigh
         if len(tags) != num_classes:
             raise ValueError(f"tags must hold one string per class ({num_classes}), got {tags!r}")
         _check_tags(tags)
-        return _tag_placement(signal, tags, height, width, None, generator)
+        return _tag_placement(signal, tags, height, width, None, generator, tag_mask)
     return _stripe_placement(signal, num_classes, height, width, generator)
 
 
 def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_classes: int, *,
-                variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None,
+                permute: str = "random", tag_mask: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
     """SC(X*, y) ("contaminated"), SC(X*, permute(y)) ("permuted") or X* ("clean": a copy of the images and
     an all-zero mask) with a contamination ``kind`` in KINDS: :func:`signal_placement` applied to ``images``.
 
-    Positions and the permutation come from CPU generators seeded with ``seed``, so the result does not
-    depend on the device, and the permuted variant puts its signals at the same positions as the
-    contaminated one. ``tags`` (kind "tag" only) default to PNEU_TAGS for 2 classes, KNEE_TAGS for 5.
+    Positions come from a CPU generator seeded with ``seed`` and the permuted signal (``permute``, as
+    :func:`permuted_signal`) from one seeded with ``signal_seed(seed)``, so the result does not depend on the
+    device, and the permuted variant puts its signals at the same positions as the contaminated one.
+    ``tags`` (kind "tag" only) default to PNEU_TAGS for 2 classes, KNEE_TAGS for 5; ``tag_mask`` is their
+    mask, as :func:`add_text_tags`'s.
     """
     images = _check_images(images)
     n, _, h, w = images.shape
@@ -272,7 +313,7 @@ def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_class
             raise ValueError(f"labels must have shape ({n},) to match the images, got {tuple(labels.shape)}")
         labels = labels.to(images.device)
     placement = signal_placement(labels, kind, num_classes, height=h, width=w, variant=variant, seed=seed,
-                                 tags=tags)
+                                 tags=tags, permute=permute, tag_mask=tag_mask)
     if placement is None:
         return images.clone(), torch.zeros(n, 1, h, w, dtype=torch.uint8, device=images.device)
     return placement.apply(images)

@@ -36,36 +36,11 @@ import numpy as np
 import torch
 
 from tap_fast.contamination import KINDS, VARIANTS, signal_placement
-from tap_fast.datasets import list_folder, stratified_take
 from tap_fast.feeds import check_normalisation, check_sharding, contaminate_and_normalise, epoch_order
 from tap_fast.folder_dataset import Box, mask_pixels, read_size
 
 BACKENDS = ("auto", "dali", "torchvision")
-FOLDER_DATASETS = ("pneu", "knee")
 PRECISION_BITS = 22  # Pillow's fixed-point resampling precision (32 - 8 - 2)
-
-
-def folder_split(name: str, data_dir: str | os.PathLike, split: str, *, val_fraction: float = 0.1,
-                 limit_train: int | None = None, seed: int = 0) -> tuple[list[Path], torch.Tensor]:
-    """Files and labels of ``load_dataset(name, data_dir, ...)``'s split ``split`` ("train", "val" or
-    "test"), in the same order, so that sample i of the feed is image i of the reference split."""
-    if name not in FOLDER_DATASETS:
-        raise ValueError(f"name must be one of {FOLDER_DATASETS}, got {name!r}")
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    listing = {s: ([p for p, _ in items], torch.tensor([y for _, y in items], dtype=torch.int64))
-               for s, items in list_folder(name, Path(data_dir)).items()}
-    generator = torch.Generator().manual_seed(seed)
-    files, labels = listing["train"]
-    if "val" not in listing:  # as load_dataset: hold out val_fraction of train, stratified
-        held, rest = stratified_take(labels, round(val_fraction * len(labels)), generator)
-        listing["val"] = ([files[i] for i in held], labels[held])
-        listing["train"] = ([files[i] for i in rest], labels[rest])
-    if limit_train is not None and limit_train < len(listing["train"][1]):
-        files, labels = listing["train"]
-        keep = stratified_take(labels, limit_train, generator)[0]
-        listing["train"] = ([files[i] for i in keep], labels[keep])
-    return listing[split]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -289,10 +264,10 @@ class FolderFeed:
     """Shuffled batches ``(x, y, mask)`` of image files, decoded by DALI or torchvision.
 
     Args:
-        files, labels: the image paths and (N,) integer labels (see :func:`folder_split`, or a split of
+        files, labels: the image paths and (N,) integer labels (see :func:`tap_fast.datasets.folder_split`, or a split of
             :func:`tap_fast.folder_dataset.list_user_folder`).
         kind: "tag" or "stripe" (any of ``KINDS``), or None for no contamination.
-        num_classes, variant, tags: as :func:`tap_fast.contamination.contaminate`.
+        num_classes, variant, tags, permute, tag_mask: as :func:`tap_fast.contamination.contaminate`.
         masks: per file, its mask PNG (the image's size; nonzero = spurious) or None; None: no mask files.
         boxes: per file, its spurious boxes (x0, y0, x1, y1) in the original image's pixels (x0 <= x < x1,
             y0 <= y < y1; inside the image, as :func:`~tap_fast.folder_dataset.attach_boxes` checks); None: none.
@@ -319,7 +294,8 @@ class FolderFeed:
                  boxes: Sequence[Sequence[Box]] | None = None, soft_masks: bool = False,
                  device_id: int | None = None, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, drop_last: bool = True, tags: Sequence[str] | None = None,
-                 backend: str = "auto", num_threads: int = 4) -> None:
+                 backend: str = "auto", num_threads: int = 4, permute: str = "random",
+                 tag_mask: str = "box") -> None:
         self.files = [Path(f) for f in files]
         missing = [str(f) for f in self.files if not f.is_file()]
         if not self.files or missing:
@@ -363,7 +339,8 @@ class FolderFeed:
         self.labels = labels.to(self.device, torch.int64)
         self.placement = None if kind is None else signal_placement(
             labels, kind, num_classes, height=image_size, width=image_size, variant=variant,
-            seed=self.seed if contamination_seed is None else int(contamination_seed), tags=tags).to(self.device)
+            seed=self.seed if contamination_seed is None else int(contamination_seed), tags=tags, permute=permute,
+            tag_mask=tag_mask).to(self.device)
         self._source = self._pipe = None
         self._dali_epochs = 0  # epochs started on the pipeline
         if backend == "dali":

@@ -63,6 +63,7 @@ _SPECS = {
 # Image-folder layouts: the splits that must exist and, per dataset, a split merged into another.
 _FOLDER_SPLITS = {"pneu": ("train", "test"), "knee": ("train", "val", "test")}
 _FOLDER_MERGE = {"pneu": {"val": "train"}, "knee": {}}
+FOLDER_DATASETS = tuple(_FOLDER_SPLITS)  # the paper's image-folder sets
 
 
 @dataclass
@@ -115,6 +116,11 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     unmasked: dict[str, int] | None = None  # "folder" with masks or boxes: per split, images given no mask
     streamed_train: FileSplit | None = None  # "folder" streamed: the training split's files (see load_dataset)
+
+    @property
+    def train_size(self) -> int:
+        """Images in the training split (streamed or in memory)."""
+        return len(self.streamed_train.labels) if self.streamed_train is not None else len(self.train)
 
     def summary(self) -> str:
         """One line per split with its size and per-class counts."""
@@ -370,6 +376,29 @@ def list_folder(name: str, root: Path) -> dict[str, list[tuple[Path, int]]]:
     return out
 
 
+def folder_split(name: str, data_dir: str | os.PathLike, split: str, *, val_fraction: float = 0.1,
+                 limit_train: int | None = None, seed: int = 0) -> tuple[list[Path], torch.Tensor]:
+    """Files and labels of ``load_dataset(name, data_dir, ...)``'s split ``split`` ("train", "val" or
+    "test"), in the same order, so that sample i of a feed over them is image i of the reference split."""
+    if name not in FOLDER_DATASETS:
+        raise ValueError(f"name must be one of {FOLDER_DATASETS}, got {name!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    listing = {s: ([p for p, _ in items], torch.tensor([y for _, y in items], dtype=torch.int64))
+               for s, items in list_folder(name, Path(data_dir)).items()}
+    generator = torch.Generator().manual_seed(seed)
+    files, labels = listing["train"]
+    if "val" not in listing:  # as load_dataset: hold out val_fraction of train, stratified
+        held, rest = stratified_take(labels, round(val_fraction * len(labels)), generator)
+        listing["val"] = ([files[i] for i in held], labels[held])
+        listing["train"] = ([files[i] for i in rest], labels[rest])
+    if limit_train is not None and limit_train < len(listing["train"][1]):
+        files, labels = listing["train"]
+        keep = stratified_take(labels, limit_train, generator)[0]
+        listing["train"] = ([files[i] for i in keep], labels[keep])
+    return listing[split]
+
+
 def _decode(path: Path, size: int) -> np.ndarray:
     """Greyscale, centre-cropped to a square and resized (bilinear, antialiased) to size x size."""
     from PIL import Image
@@ -484,6 +513,28 @@ def _load_user_dataset(root: Path, size: int, channels: int, masks_dir, boxes, s
                    "accuracy", None, listing.class_names, unmasked, streamed)
 
 
+def _streamed_folder_dataset(name: str, root: Path, size: int, *, val_fraction: float, limit_train: int | None,
+                             seed: int) -> Dataset:
+    """PNEU / KNEE with the training split left on disk (``streamed_train``; ``train`` holds no images): the
+    files :func:`folder_split` lists, val and test decoded as the memory path decodes them."""
+    spec = _SPECS[name]
+    parts = {s: folder_split(name, root, s, val_fraction=val_fraction, limit_train=limit_train, seed=seed)
+             for s in ("train", "val", "test")}
+
+    def decoded(split: str) -> Split:
+        files, labels = parts[split]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(lambda p: _decode(p, size), files))
+        return Split(torch.from_numpy(np.stack(images)).unsqueeze(1), labels)
+
+    files, labels = parts["train"]
+    empty = Split(torch.zeros(0, 1, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    dataset = Dataset(name, empty, decoded("val"), decoded("test"), spec.num_classes, *spec.mean_std, spec.metric,
+                      spec.contamination, spec.class_names, None, FileSplit(files, labels, None, None))
+    logger.info("%s", dataset.summary())
+    return dataset
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
@@ -525,10 +576,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         raise ValueError(f"masks_dir and boxes apply to dataset 'folder' only, got dataset {name!r}")
     if masks_dir is not None and boxes is not None:
         raise ValueError("give masks_dir or boxes, not both")
-    if stream_train and name != "folder":
-        raise ValueError(f"streaming the training split (--feed dali|torchvision) is for dataset 'folder'; "
-                         f"{name!r} loads into memory (--feed memory or auto)")
+    if stream_train and name not in ("folder", *FOLDER_DATASETS):
+        raise ValueError(f"streaming the training split (--feed dali|torchvision) is for image folders "
+                         f"({('folder', *FOLDER_DATASETS)}); {name!r} loads into memory (--feed memory or auto)")
     spec = _SPECS.get(name)
+    if stream_train and name in FOLDER_DATASETS:
+        return _streamed_folder_dataset(name, Path(data_dir), image_size or 224, val_fraction=val_fraction,
+                                        limit_train=limit_train, seed=seed)
     root = Path(data_dir) if data_dir is not None else None
     val = None
     if name == "digits":

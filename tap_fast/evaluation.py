@@ -45,9 +45,19 @@ METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": binary_f1, "mae": mean_absolute_
 
 def shortcut_drop(metrics: dict, metric: str) -> float:
     """How much worse the task metric is on the permuted test set than on the contaminated one: the
-    reliance on the spurious signal (positive = shortcut); for MAE, lower is better, so the sign flips."""
+    reliance on the spurious signal (positive = shortcut): contaminated - permuted for accuracy and F1,
+    permuted - contaminated for MAE (lower is better)."""
     change = metrics["contaminated"][metric] - metrics["permuted"][metric]
     return change if HIGHER_IS_BETTER[metric] else -change
+
+
+def constant_baseline(metric: str, labels: torch.Tensor) -> tuple[int, float]:
+    """The class a model that learned nothing predicts for every image, and its metric on ``labels``: the
+    majority class for accuracy (its share) and F1; for MAE the median class (the lower median), the
+    constant with the lowest MAE. Ties between classes go to the lowest index."""
+    labels = labels.cpu()
+    constant = int(labels.median()) if metric == "mae" else int(torch.bincount(labels).argmax())
+    return constant, task_metric(metric, torch.full_like(labels, constant), labels)
 
 
 def task_metric(metric: str, pred: torch.Tensor, labels: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tap_fast.masks import as_mask_batch, check_mask_values
 
 REDUCTIONS = ("mean", "sum")
+CHANNEL_REDUCTIONS = ("sum", "none")  # RRR: sum the input gradient over channels before squaring, or not
 
 
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
@@ -54,7 +55,8 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def rrr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, *, normalize_mask: bool = False,
-                reduction: str = "mean", soft: bool = False, validate: bool = True) -> torch.Tensor:
+                reduction: str = "mean", channel_reduction: str = "sum", soft: bool = False,
+                validate: bool = True) -> torch.Tensor:
     """RRR, eq. 4: sum_ij [M * sum_k d log p_k / dX]_ij^2 per sample, built with create_graph so it trains.
 
     Args:
@@ -64,12 +66,19 @@ def rrr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
         normalize_mask: rescale each sample's mask by H*W / sum(M) as the released TAP code does;
             False gives Ross et al.'s plain mask.
         reduction: "mean" over the batch (released TAP code) or "sum" (Ross et al.).
+        channel_reduction: "sum": sum_hw (M * sum_c grad_c)^2, the channels summed before squaring (the
+            released code on RGB inputs); "none": sum_chw (M * grad_c)^2 (Ross et al.). Equal for C = 1.
+    Returns a scalar in the inputs' dtype.
     """
     m = _check_penalty_inputs(logits, inputs, mask, reduction, soft, validate)
+    if channel_reduction not in CHANNEL_REDUCTIONS:
+        raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}")
     if normalize_mask:
         area = m.shape[-2] * m.shape[-1]
         m = m * (area / m.sum((1, 2, 3), keepdim=True).clamp_min(1e-12))
     grad = _input_gradient(logits, inputs, True)
+    if channel_reduction == "sum":
+        grad = grad.sum(1, keepdim=True)
     return _reduce((m * grad).square().sum((1, 2, 3)), reduction)
 
 
@@ -82,7 +91,8 @@ def rbr_penalty(logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, 
     penalty is sum_ij [M * influence * input_gradient]_ij^2 per sample, reduced over the batch by "sum"
     (released code; its lambdas are 1 to 1e9) or "mean". Training through it needs third-order
     derivatives: run BatchNorm models in eval mode for this term. ``class_weights`` weight L_task's
-    cross-entropy (the weighted mean), as the released code does for PNEU.
+    cross-entropy (the weighted mean), as the released code does for PNEU. Returns a scalar in the inputs'
+    dtype.
     """
     m = _check_penalty_inputs(logits, inputs, mask, reduction, soft, validate)
     if targets.dim() != 1 or targets.shape[0] != inputs.shape[0] or targets.dtype != torch.long:

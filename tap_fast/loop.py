@@ -28,19 +28,24 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
 
 
 def fit(model: TappedModel, feed: Iterable, *, method: str, lam: float, epochs: int, lr: float, momentum: float,
-        mean: float, std: float, norm: str = "l1", kernel_size: int = 3, compound: bool = False,
+        mean: float, std: float, weight_decay: float = 0.0, norm: str = "l1", kernel_size: int = 3, compound: bool = False,
         checkpoint: Path | None = None, resume: bool = False, meta: dict | None = None, quiet: bool = False,
         desc: str = "train", compile: bool = False, cuda_graphs: bool = False, amp_dtype: torch.dtype | None = None,
         channels_last: bool = False, backend: str = "auto", class_weights: torch.Tensor | None = None,
-        ctx: DistContext | None = None) -> dict[str, list[float]]:
+        teacher: nn.Module | None = None, temperature: float | None = None, ctx: DistContext | None = None
+        ) -> dict[str, list[float]]:
     """Train ``model`` with SGD (momentum, section 5.3) for ``epochs`` over a feed's batches.
+
+    ``weight_decay`` is SGD's: it adds weight_decay * theta to every parameter's gradient, the gradient of an L2
+    term (weight_decay / 2) * ||theta||^2 in the loss (an explicit c * ||theta||^2 is weight_decay = 2c).
 
     ``feed`` is one of the engine's feeds (:class:`~tap_fast.feeds.DeviceFeed` for in-memory sets,
     :class:`~tap_fast.dali_feed.FolderFeed` for streamed folders) built for this process's rank: it has
     ``set_epoch``, ``device`` and ``len``, and iterating yields static-shape (x uint8 (B, C, H, W), y (B,),
     mask (B, 1, H, W)) batches of one epoch. The step is :func:`~tap_fast.compiled_step.make_step` with
     ``compile``, ``cuda_graphs``, ``amp_dtype``, ``channels_last``, TAP's ``backend`` and the cross-entropy's
-    ``class_weights``; it normalises x with ``mean`` and ``std``. With a multi-process ``ctx`` the model is wrapped in DDP, metrics are summed over
+    ``class_weights``, and the distillation methods' frozen ``teacher`` (and KD's ``temperature``); it normalises x
+    with ``mean`` and ``std``. With a multi-process ``ctx`` the model is wrapped in DDP, metrics are summed over
     ranks, and only the main rank prints and writes the checkpoint.
 
     With ``checkpoint`` it saves model, optimizer, epoch, history and RNG states after every epoch; with
@@ -50,7 +55,7 @@ def fit(model: TappedModel, feed: Iterable, *, method: str, lam: float, epochs: 
     device = torch.device(feed.device)
     ctx = ctx or DistContext(device=device)
     steps = len(feed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     history: dict[str, list[float]] = {"loss": [], "task_loss": [], "penalty": [], "epoch_s": []}
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.is_file():
@@ -70,7 +75,7 @@ def fit(model: TappedModel, feed: Iterable, *, method: str, lam: float, epochs: 
     step = make_step(trained, optimizer, method=method, lam=lam, mean=mean, std=std, norm=norm,
                      kernel_size=kernel_size, compound=compound, explain_in_eval=None, compile=compile,
                      cuda_graphs=cuda_graphs, amp_dtype=amp_dtype, channels_last=channels_last, backend=backend,
-                     class_weights=class_weights)
+                     class_weights=class_weights, teacher=teacher, temperature=temperature)
     show = not quiet and ctx.is_main
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()

@@ -56,7 +56,9 @@ def tap_penalty_reference(activations: Sequence[torch.Tensor], mask: torch.Tenso
                           norm: str = "l1", compound: bool = False) -> torch.Tensor:
     """Plain-PyTorch eq. 8, batch mean: mean_b (1/L) sum_l sum_hw f(D(M,l) * A^l), A^l = sum_c relu(Z^l_c).
 
-    f is |.| for norm="l1" (the paper) and (.)^2 for "l2sq" (the released code). Accumulates in fp32.
+    f is |.| for norm="l1" (the paper) and (.)^2 for "l2sq" (the released code). Accumulates in fp32 (fp16 /
+    bf16 / fp32 activations: an fp32 result, which the training step adds to its fp32 loss) or in fp64 for
+    float64 activations (a float64 result).
     relu(Z) is written where(Z <= 0, 0, Z), with the same values and gradient: when Z is a ReLU's output,
     Z <= 0 is the mask that ReLU's own backward uses, so under torch.compile the two share one saved mask
     and TAP's gradient fuses into that backward (measured in benchmarks/inductor_fusion.py). Checks shapes
@@ -71,8 +73,9 @@ def _reference(activations: Sequence[torch.Tensor], mask: torch.Tensor, kernel_s
     """:func:`tap_penalty_reference` of checked inputs (``mask`` (B, 1, H, W))."""
     total = None
     for z, d in zip(activations, _downscale_masks(mask, [a.shape[-2:] for a in activations], kernel_size, compound)):
-        a_map = torch.where(z <= 0, 0, z).sum(1, dtype=torch.float32)  # eq. 6
-        x = d.float() * a_map
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        a_map = torch.where(z <= 0, 0, z).sum(1, dtype=acc)  # eq. 6
+        x = d.to(acc) * a_map
         per_sample = (x if norm == "l1" else x.square()).sum((1, 2))
         total = per_sample.mean() if total is None else total + per_sample.mean()
     return total / len(activations)
@@ -97,7 +100,8 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
         input_size: the model input's (H, W): the mask must have exactly that size (``TappedModel`` and the
             training step pass it); None only asks that it be at least each activation's.
     Returns:
-        fp32 scalar tensor.
+        a scalar tensor: float64 for float64 activations (the reference), else fp32 (fp16 / bf16 activations
+        accumulate in fp32, as the training step needs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

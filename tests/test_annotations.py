@@ -1,4 +1,6 @@
 """Teacher annotations (section 4.2): saliency, eq. 14 thresholding, random baseline, precision / recall."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -43,13 +45,51 @@ def test_saliency_rejects_float_images():
         saliency_maps(_tiny_model(), torch.rand(2, 2, 5, 7), mean=0.0, std=1.0)
 
 
-def test_threshold_is_strict_less_than_tau():
+def test_threshold_rule_is_strict_less_than_tau():
     sal = torch.tensor([[[[0.0, 0.009, 0.01], [0.05, 0.2, 1.0]]]])
-    assert threshold_saliency(sal, 0.01).tolist() == [[[[1, 1, 0], [0, 0, 0]]]]
-    assert threshold_saliency(sal, 0.1).tolist() == [[[[1, 1, 1], [1, 0, 0]]]]
-    assert threshold_saliency(sal, 0.1).dtype == torch.uint8
+    assert threshold_saliency(sal, 0.01, rule="threshold").tolist() == [[[[1, 1, 0], [0, 0, 0]]]]
+    assert threshold_saliency(sal, 0.1, rule="threshold").tolist() == [[[[1, 1, 1], [1, 0, 0]]]]
+    assert threshold_saliency(sal, 0.1, rule="threshold").dtype == torch.uint8
     with pytest.raises(ValueError, match="tau must lie in"):
         threshold_saliency(sal, 0.0)
+    with pytest.raises(ValueError, match=r"rule must be one of \('quantile', 'threshold'\)"):
+        threshold_saliency(sal, 0.1, rule="top")
+
+
+def _lowest(values, k):
+    """Reference: the indices of the k smallest values, ties to the lower index."""
+    return sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:k])
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.05, 0.1, 0.37, 1.0])
+def test_quantile_rule_masks_exactly_the_lowest_tau_fraction_per_image(tau):
+    """The released rule: round(tau * H * W) pixels of each image, its lowest-saliency ones (99 pixels: 1, 5,
+    10, 37, 99 of them), whatever the image's saliency scale."""
+    g = torch.Generator().manual_seed(0)
+    sal = torch.rand(6, 1, 9, 11, generator=g) * torch.rand(6, 1, 1, 1, generator=g)
+    masks = threshold_saliency(sal, tau)
+    assert masks.dtype == torch.uint8 and masks.shape == sal.shape
+    k = round(tau * 99)
+    assert masks.sum((1, 2, 3)).tolist() == [k] * 6
+    for m, e in zip(masks, sal):
+        assert m.flatten().nonzero().flatten().tolist() == _lowest(e.flatten().tolist(), k)
+
+
+def test_quantile_rule_breaks_ties_by_pixel_index():
+    """Equal saliencies: the first pixels in row-major order are masked (a stable sort on the pixel index);
+    round(tau * H * W) rounds halves to even (tau 0.3125 of 8 pixels: 2.5 -> 2)."""
+    sal = torch.tensor([[[[0.5, 0.0, 0.2, 0.0], [0.0, 0.7, 0.0, 0.1]]]])
+    assert threshold_saliency(sal, 0.375).tolist() == [[[[0, 1, 0, 1], [1, 0, 0, 0]]]]  # 3 of the four zeros
+    assert threshold_saliency(sal, 0.3125).tolist() == [[[[0, 1, 0, 1], [0, 0, 0, 0]]]]
+    assert threshold_saliency(torch.zeros(2, 1, 3, 3), 0.34).tolist() == [[[[1, 1, 1], [0, 0, 0], [0, 0, 0]]]] * 2
+
+
+def test_random_annotations_follow_the_quantile_rule():
+    """Random masks copy each teacher mask's count: round(tau * H * W) per image under the quantile rule."""
+    sal = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    teacher = threshold_saliency(sal, 0.01)
+    rnd = random_masks(teacher, generator=torch.Generator().manual_seed(7))
+    assert rnd.sum((1, 2, 3)).tolist() == [8] * 5 and not torch.equal(rnd, teacher)  # round(7.84)
 
 
 def test_precision_recall_hand_example():
@@ -81,7 +121,7 @@ def test_random_masks_keep_per_image_counts():
 
 
 def test_teacher_annotations_on_digits():
-    config = TrainConfig(dataset="digits", method="tap", annotations="teacher", lam=0.01, epochs=2, lr=0.05,
+    config = TrainConfig(dataset="digits", method="tap", annotations="teacher", lam=0.01, epochs=2, teacher_lr=0.05,
                          batch_size=64, teacher_fraction=0.25, tau=0.1, limit_test=60, quiet=True, device="cpu")
     ds = load(config)
     cfg = resolve(config, ds)
@@ -97,6 +137,20 @@ def test_teacher_annotations_on_digits():
     rnd = prepare(resolve(TrainConfig(**{**vars(config), "annotations": "random"}), ds), ds)
     assert torch.equal(rnd.train.masks.sum((1, 2, 3)), data.train.masks.sum((1, 2, 3)))
     assert info["recall"] > rnd.annotation_info["recall"]
+
+
+def test_teacher_trains_at_teacher_lr_with_the_released_l2_term(monkeypatch):
+    """train_teacher: SGD at teacher_lr, and the explicit L2 term c * ||theta||^2 as SGD weight decay 2c."""
+    import tap_fast.preparation as preparation
+
+    seen = {}
+    monkeypatch.setattr(preparation, "fit", lambda model, feed, **kw: seen.update(kw))
+    config = TrainConfig(dataset="digits", method="tap", annotations="teacher", limit_train=100, lr=0.05,
+                         teacher_lr=3e-3, teacher_weight_decay=2e-4, quiet=True, device="cpu")
+    ds = load(config)
+    preparation.train_teacher(resolve(config, ds), ds, ds.train, torch.device("cpu"))
+    assert seen["lr"] == 3e-3 and seen["weight_decay"] == 4e-4
+    assert (TrainConfig().teacher_lr, TrainConfig().teacher_weight_decay) == (1e-4, 1e-4)  # the released values
 
 
 def test_annotation_masks_are_cached_in_run_dir(tmp_path, monkeypatch):
@@ -116,6 +170,10 @@ def test_annotation_masks_are_cached_in_run_dir(tmp_path, monkeypatch):
     second = prepare(cfg, ds)
     assert torch.equal(first.train.masks, second.train.masks)
     assert second.annotation_info == first.annotation_info
+    assert first.annotation_info["tau_rule"] == "quantile"
+    for changed in ({"tau_rule": "threshold"}, {"teacher_lr": 0.1}, {"teacher_weight_decay": 0.0}):
+        with pytest.raises(AssertionError, match="trained again"):
+            prepare(dataclasses.replace(cfg, **changed), ds)
 
 
 def test_annotate_reports_quality_per_tau(tmp_path):

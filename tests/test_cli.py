@@ -37,13 +37,33 @@ def test_base_run_trains_on_clean_data(tmp_path):
     (["--lam", "-1"], "--lam"), (["--epochs", "0"], "--epochs"), (["--method", "tap", "--norm", "l3"], "--norm"),
     (["--tau", "2"], "--tau"), (["--resume"], "--resume"), (["--method", "tap", "--clean-train"], "--clean-train"),
     (["--method", "tap", "--arch", "resnet18", "--weights", "none"], "--lam"), (["--amp", "fp16"], "--amp"),
-    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs")])
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs"), (["--permute", "swap"], "--permute"),
+    (["--tag-mask", "outline"], "--tag-mask"), (["--tau-rule", "top"], "--tau-rule"),
+    (["--teacher-lr", "0"], "--teacher-lr"), (["--teacher-weight-decay", "-1"], "--teacher-weight-decay")])
 def test_bad_arguments_exit_non_zero_naming_the_argument(args, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         if main(["train", "--quiet", *args]) != 0:
             raise SystemExit(2)
     assert exc.value.code != 0
     assert flag in capsys.readouterr().err
+
+
+def test_semantics_flags_reach_the_config_with_its_defaults():
+    """--permute, --tag-mask, --tau-rule, --teacher-lr and --teacher-weight-decay fill the TrainConfig fields
+    of their names; without them the CLI's defaults are TrainConfig's (the released code's semantics)."""
+    from tap_fast.cli import _config, build_parser
+    from tap_fast.config import TrainConfig
+    fields = ("permute", "tag_mask", "tau_rule", "teacher_lr", "teacher_weight_decay")
+    parser = build_parser()
+    for command in ("train", "sweep", "annotate"):
+        config = _config(parser.parse_args([command]))
+        assert [getattr(config, f) for f in fields] == [getattr(TrainConfig(), f) for f in fields] == [
+            "random", "box", "quantile", 1e-4, 1e-4]
+    args = parser.parse_args(["train", "--permute", "derangement", "--tag-mask", "ink", "--tau-rule", "threshold",
+                              "--teacher-lr", "0.01", "--teacher-weight-decay", "0"])
+    assert [getattr(_config(args), f) for f in fields] == ["derangement", "ink", "threshold", 0.01, 0.0]
+    assert parser.parse_args(["annotate", "--lr", "0.05"]).teacher_lr == 0.05  # annotate's --lr is the teacher's
+    assert parser.parse_args(["annotate", "--teacher-lr", "0.02"]).teacher_lr == 0.02
 
 
 def test_tau_takes_eq14s_range_like_the_library():
@@ -100,7 +120,10 @@ def test_demo_quick_prints_the_contrast(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,code,expected", [
-    (["--help"], 0, ["{train,sweep,annotate,demo}"]), (["train", "--help"], 0, ["--teacher-fraction", "--resume"]),
+    (["--help"], 0, ["{train,sweep,annotate,explain,demo}"]),
+    (["train", "--help"], 0, ["--teacher-fraction", "--resume", "--no-overlap"]),
+    (["explain", "--help"], 0, ["--checkpoint", "--images"]),
+    (["explain", "--out", "x"], 2, ["one of the arguments --run-dir --checkpoint is required"]),
     (["train", "--epochs", "0"], 2, ["argument --epochs: must be a positive integer, got '0'"]),
     (["train", "--dataset", "mnist"], 2, ["argument --data-dir: required for --dataset mnist"]),
     (["bench"], 2, ["invalid choice: 'bench'"])])  # the step benchmark is benchmarks/step_table.py

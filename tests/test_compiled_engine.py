@@ -14,7 +14,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from step_batches import uint8_batches
-from tap_fast.compiled_step import make_step, rbr_scale, uses_batchnorm
+from tap_fast.compiled_step import make_step, rbr_scale
 from tap_fast.models import build_model, tap_points
 from tap_fast.tapped_model import TappedModel
 from tap_fast.train_step import train_step
@@ -103,7 +103,7 @@ def test_forward_and_penalty_trace_as_one_graph(method):
 @pytest.mark.parametrize("method", ["rrr", "rbr"])
 def test_double_backward_methods_stay_eager_under_compile(method):
     batches = uint8_batches(2, 4)
-    ref_model, ref_losses = _eager_run(method, batches)
+    ref_model, ref_losses = _eager_run(method, batches, explain_in_eval=True)  # make_step's default
     torch._dynamo.reset()
     counters.clear()
     model = _model()
@@ -142,10 +142,28 @@ def test_deepcopy_of_tapped_model_taps_its_own_layers():
     torch.testing.assert_close(twin_acts[0], twin.model.pool1(torch.relu(twin.model.conv1(x))))
 
 
-def test_rbr_scale_and_batchnorm_detection():
+def test_rbr_scale():
     assert rbr_scale(1) == 1.0 and rbr_scale(4) == 0.25
-    assert not uses_batchnorm(_model())
-    assert uses_batchnorm(build_model("resnet18", 2))
+
+
+def test_step_explains_every_model_in_eval_mode():
+    """The released code explains RRR in eval mode for every model: a dropout model without BatchNorm takes
+    train_step's explain_in_eval=True step by default, not the step explained through dropout."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 28 * 28, 10))
+    batch = uint8_batches(1, 6)[0]
+    after = {}
+    for name, explain in (("default", None), ("eval", True), ("train", False)):
+        model = TappedModel(copy.deepcopy(net), ["1"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(3)  # the same dropout draws in each training-mode forward
+        if explain is None:
+            make_step(model, opt, method="rrr", lam=10.0, mean=MEAN, std=STD)(*batch)
+        else:
+            train_step(model, opt, *batch, method="rrr", lam=10.0, mean=MEAN, std=STD, explain_in_eval=explain)
+        after[name] = model.model[0].weight.detach().clone()
+    assert torch.equal(after["default"], after["eval"])
+    assert not torch.allclose(after["default"], after["train"])
 
 
 def test_bad_arguments():

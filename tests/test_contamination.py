@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tap_fast.contamination import (KINDS, KNEE_TAGS, PNEU_TAGS, add_decoys, add_stripes, add_text_tags,
-                                    contaminate, permuted_signal, signal_permutation, signal_placement,
+                                    contaminate, permuted_signal, signal_permutation, signal_placement, signal_seed,
                                     stripe_step)
 from tap_fast.glyphs import CHARS, glyph, render, scale_for_height
 
@@ -132,7 +132,7 @@ def test_decoys_write_every_channel():
 def test_tags_write_white_glyphs_of_the_signal_in_a_corner(tags):
     x = _images(24, 224, 224)
     signal = torch.arange(24) % len(tags)
-    out, mask = add_text_tags(x, signal, tags, generator=torch.Generator().manual_seed(2))
+    out, mask = add_text_tags(x, signal, tags, generator=torch.Generator().manual_seed(2), tag_mask="ink")
     _check_written(x, out, mask, torch.full((24,), 255))
     corners = []
     for m, s in zip(mask[:, 0], signal.tolist()):
@@ -144,28 +144,52 @@ def test_tags_write_white_glyphs_of_the_signal_in_a_corner(tags):
 
 def test_tags_differ_by_label():
     x = _images(2, 224, 224)
-    masks = [add_text_tags(x, torch.full((2,), s), KNEE_TAGS, generator=torch.Generator().manual_seed(0))[1]
-             for s in range(5)]
+    masks = [add_text_tags(x, torch.full((2,), s), KNEE_TAGS, generator=torch.Generator().manual_seed(0),
+                           tag_mask="ink")[1] for s in range(5)]
     for a in range(5):
         for b in range(a + 1, 5):
             assert not torch.equal(masks[a], masks[b])
 
 
+@pytest.mark.parametrize("size", [224, 64])
+def test_box_masks_cover_the_tags_box_and_ink_masks_its_pixels(size):
+    """tag_mask "box" (the default: annotators draw boxes, and the released mask is the tag's box) masks the
+    tag's whole rendered box, in the corner of its ink; "ink" the pixels written; the images are the same."""
+    x, signal = _images(12, size, size), torch.arange(12) % 2
+    out_box, box = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(1))
+    out_ink, ink = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(1), tag_mask="ink")
+    assert torch.equal(out_box, out_ink)
+    _check_written(x, out_ink, ink, torch.full((12,), 255))
+    height, margin = max(5, round(22 * size / 224)), max(1, round(6 * size / 224))
+    for b, i, s in zip(box[:, 0], ink[:, 0], signal.tolist()):
+        glyphs = render(PNEU_TAGS[s], height)
+        corner = _corner(i, glyphs, margin)
+        assert corner is not None and _corner(b, torch.ones_like(glyphs), margin) == corner
+    assert bool((box >= ink).all()) and box.sum() > ink.sum()
+    if size == 224:  # ABC / XYZ: 642 / 516 px of ink in a 22 x 54 box
+        assert box.sum((1, 2, 3)).tolist() == [22 * 54] * 12
+        assert ink.sum((1, 2, 3)).tolist() == [642, 516] * 6
+    _, default = contaminate(x, signal, "tag", 2, seed=1)
+    _, default_ink = contaminate(x, signal, "tag", 2, seed=1, tag_mask="ink")
+    assert bool((default >= default_ink).all()) and int(default.sum()) == 12 * render("ABC", height).numel()
+
+
 def test_tag_corners_are_random_and_seeded():
     x, signal = _images(200, 64, 64), torch.randint(0, 2, (200,))
-    _, mask = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(5))
+    def ink(seed):
+        return add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(seed), tag_mask="ink")[1]
+
+    mask = ink(5)
     corners = [_corner(m, render(PNEU_TAGS[s], 6), margin=2) for m, s in zip(mask[:, 0], signal.tolist())]
     assert sorted(set(corners)) == [0, 1, 2, 3] and min(corners.count(c) for c in range(4)) > 25
-    assert torch.equal(add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(5))[1], mask)
-    assert not torch.equal(add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(6))[1],
-                           mask)
+    assert torch.equal(ink(5), mask) and not torch.equal(ink(6), mask)
 
 
 @pytest.mark.parametrize("size", [28, 64, 112, 160])
 def test_tag_height_and_margin_scale_with_image_size(size):
     x = _images(6, size, size)
     signal = torch.arange(6) % 2
-    out, mask = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(0))
+    out, mask = add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(0), tag_mask="ink")
     _check_written(x, out, mask, torch.full((6,), 255))
     target = max(5, round(22 * size / 224))
     margin = max(1, round(6 * size / 224))
@@ -226,26 +250,79 @@ def test_stripe_step_and_small_images():
 
 # --- permutations ---------------------------------------------------------------------------------------
 
-def test_signal_permutation_is_never_the_identity():
+def _table(rows, cols, shape):
+    """The contingency table (counts) of the pairs (rows[i], cols[i])."""
+    table = torch.zeros(shape, dtype=torch.long)
+    return table.index_put_((rows, cols), torch.ones_like(rows), accumulate=True)
+
+
+def _chi_square(table):
+    """Pearson's chi-square statistic of ``table`` against independent uniform rows and columns."""
+    expected = table.sum() / table.numel()
+    return float(((table - expected) ** 2 / expected).sum())
+
+
+def test_signal_permutation_is_a_derangement():
     assert signal_permutation(2).tolist() == [1, 0]
     perms = set()
-    for seed in range(30):
-        p = signal_permutation(5, generator=torch.Generator().manual_seed(seed))
-        assert sorted(p.tolist()) == list(range(5)) and p.tolist() != list(range(5))
-        perms.add(tuple(p.tolist()))
-    assert len(perms) > 10
-    for seed in range(30):  # 3 classes: identity has probability 1/6 per draw
-        assert signal_permutation(3, generator=torch.Generator().manual_seed(seed)).tolist() != [0, 1, 2]
+    for k in (3, 5, 10):
+        for seed in range(30):
+            p = signal_permutation(k, generator=torch.Generator().manual_seed(seed))
+            assert sorted(p.tolist()) == list(range(k)) and not p.eq(torch.arange(k)).any()  # no fixed point
+            perms.add(tuple(p.tolist()))
+    assert len(perms) > 50
+    assert {tuple(signal_permutation(3, generator=torch.Generator().manual_seed(s)).tolist())
+            for s in range(30)} == {(1, 2, 0), (2, 0, 1)}  # the only derangements of 3
 
 
-def test_permuted_signal_maps_each_label_to_one_other_signal():
+def test_derangement_maps_each_label_to_one_other_signal():
     labels = torch.randint(0, 5, (300,))
-    signal = permuted_signal(labels, 5, generator=torch.Generator().manual_seed(0))
+    signal = permuted_signal(labels, 5, permute="derangement", generator=torch.Generator().manual_seed(0))
     perm = [int(signal[labels == y].unique().item()) for y in range(5)]  # one signal per label
-    assert sorted(perm) == list(range(5)) and perm != list(range(5))
-    assert torch.equal(permuted_signal(torch.tensor([0, 1, 1, 0]), 2), torch.tensor([1, 0, 0, 1]))
+    assert sorted(perm) == list(range(5)) and all(p != y for y, p in enumerate(perm))
+    assert torch.equal(signal, signal_permutation(5, generator=torch.Generator().manual_seed(0))[labels])
     with pytest.raises(ValueError, match="labels"):
         permuted_signal(torch.tensor([0, 5]), 5)
+    with pytest.raises(ValueError, match="permute must be one of"):
+        permuted_signal(labels, 5, permute="shuffle")
+
+
+def test_random_permuted_signal_is_uniform_and_independent_of_the_label():
+    """permute="random": a signal per image uniform over the classes whatever its label (section 5.1
+    "randomises the patch assignment"). Seed 0, 400 images per label: the label x signal counts below
+    (80 expected per cell; the diagonal, images that keep their own signal, holds 420 of 2000, about 1/5)."""
+    labels = torch.arange(2000) % 5
+    signal = permuted_signal(labels, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(signal, torch.randint(5, (2000,), generator=torch.Generator().manual_seed(0)))
+    table = _table(labels, signal, (5, 5))
+    assert table.tolist() == [[100, 76, 65, 84, 75], [77, 81, 83, 85, 74], [83, 73, 73, 88, 83],
+                              [83, 83, 82, 81, 71], [79, 84, 84, 68, 85]]
+    assert _chi_square(table) == pytest.approx(15.6) and _chi_square(table) < 32.0  # 16 dof: p > 0.01
+    assert int(table.diag().sum()) == 420
+
+
+@pytest.mark.parametrize("permute", ["random", "derangement"])
+def test_binary_tasks_swap(permute):
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    signal = permuted_signal(labels, 2, permute=permute, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(signal, 1 - labels)
+
+
+def test_permuted_decoys_are_independent_of_label_and_corner():
+    """The permuted signal is drawn from its own stream (signal_seed): drawn from the positions' stream,
+    randint(10) and randint(4) of the same draws would share their parity, tying signal to corner."""
+    assert signal_seed(3) == 3 ^ 0x9E3779B9 and signal_seed(-1) == 0xFFFFFFFF ^ 0x9E3779B9
+    labels = torch.arange(2000) % 10
+    placement = signal_placement(labels, "decoy", 10, height=28, width=28, variant="permuted", seed=3)
+    signal, corner = (255 - placement.values.long()) // 25, placement.index
+    want = permuted_signal(labels, 10, generator=torch.Generator().manual_seed(signal_seed(3)))
+    assert torch.equal(signal, want)
+    contaminated = signal_placement(labels, "decoy", 10, height=28, width=28, seed=3)
+    assert torch.equal(corner, contaminated.index)  # the same positions as the contaminated set
+    assert _chi_square(_table(signal, corner, (10, 4))) < 47.0  # 27 dof: p > 0.01 (measured 40.2)
+    assert _chi_square(_table(labels, signal, (10, 10))) < 113.5  # 81 dof: p > 0.01 (measured 87.7)
+    same_stream = torch.randint(10, (2000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(same_stream % 2, corner % 2)  # what a signal from the positions' stream would be
 
 
 # --- contaminate ----------------------------------------------------------------------------------------
@@ -268,17 +345,22 @@ def _signal_values(out, mask):
     return torch.stack([o[0][m[0].bool()].unique().squeeze() for o, m in zip(out, mask)])
 
 
+@pytest.mark.parametrize("permute", ["random", "derangement"])
 @pytest.mark.parametrize("kind", ["decoy", "stripe"])
-def test_permuted_variant_changes_the_assignment_at_the_same_positions(kind):
+def test_permuted_variant_changes_the_assignment_at_the_same_positions(kind, permute):
     x, y = _data(kind)
     out, mask = contaminate(x, y, kind, 5, variant="contaminated", seed=4)
-    pout, pmask = contaminate(x, y, kind, 5, variant="permuted", seed=4)
+    pout, pmask = contaminate(x, y, kind, 5, variant="permuted", seed=4, permute=permute)
     step = 25 if kind == "decoy" else 51
     assert torch.equal(_signal_values(out, mask), 255 - step * y)
     assert torch.equal(pmask, mask)  # same positions, other signal
     values = _signal_values(pout, pmask)
-    perm = [(255 - int(values[y == c].unique().item())) // step for c in range(5)]
-    assert sorted(perm) == list(range(5)) and any(p != c for c, p in enumerate(perm))
+    want = permuted_signal(y, 5, permute=permute, generator=torch.Generator().manual_seed(signal_seed(4)))
+    assert torch.equal(values, 255 - step * want)
+    if permute == "derangement":
+        assert not want.eq(y).any()
+    else:
+        assert 0 < int(want.eq(y).sum()) < 60 and len(want[y == 0].unique()) > 1  # no longer a function of y
     _check_written(x, pout, pmask, values)
 
 
@@ -291,15 +373,17 @@ def test_tag_variants_use_default_tags_and_permute_them(num_classes, tags):
         return torch.tensor([next(i for i, g in enumerate(glyphs) if _corner(m, g, margin=3) is not None)
                              for m in mask[:, 0]])
 
-    out, mask = contaminate(x, y, "tag", num_classes, seed=1)
+    out, mask = contaminate(x, y, "tag", num_classes, seed=1, tag_mask="ink")
     assert torch.equal(carried(mask), y)
     _check_written(x, out, mask, torch.full((60,), 255))
-    pout, pmask = contaminate(x, y, "tag", num_classes, variant="permuted", seed=1)
+    pout, pmask = contaminate(x, y, "tag", num_classes, variant="permuted", seed=1, tag_mask="ink")
     signal = carried(pmask)
-    perm = [int(signal[y == c].unique().item()) for c in range(num_classes)]
-    assert sorted(perm) == list(range(num_classes)) and perm != list(range(num_classes))
+    want = 1 - y if num_classes == 2 else permuted_signal(
+        y, num_classes, generator=torch.Generator().manual_seed(signal_seed(1)))
+    assert torch.equal(signal, want) and not torch.equal(signal, y)
     _check_written(x, pout, pmask, torch.full((60,), 255))
-    custom, cmask = contaminate(x, y, "tag", num_classes, seed=1, tags=tuple("QRSTUVWXYZ"[:num_classes]))
+    custom, cmask = contaminate(x, y, "tag", num_classes, seed=1, tags=tuple("QRSTUVWXYZ"[:num_classes]),
+                                tag_mask="ink")
     assert not torch.equal(cmask, mask)
 
 
@@ -320,6 +404,10 @@ def test_contaminate_rejects_bad_arguments():
         contaminate(x, y, "patch", 5)
     with pytest.raises(ValueError, match="variant"):
         contaminate(x, y, "decoy", 5, variant="shuffled")
+    with pytest.raises(ValueError, match=r"permute must be one of \('random', 'derangement'\)"):
+        contaminate(x, y, "decoy", 5, variant="permuted", permute="swap")
+    with pytest.raises(ValueError, match=r"tag_mask must be one of \('box', 'ink'\)"):
+        contaminate(x, y, "decoy", 5, tag_mask="outline")
     with pytest.raises(TypeError, match="uint8"):
         contaminate(x.float(), y, "decoy", 5)
     with pytest.raises(ValueError, match="shape"):

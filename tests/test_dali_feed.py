@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from tap_fast.contamination import contaminate, signal_placement
-from tap_fast.dali_feed import FolderFeed, centre_square_resize, dali_available, folder_split, pad_batch, pil_grey
-from tap_fast.datasets import load_dataset
+from tap_fast.dali_feed import FolderFeed, centre_square_resize, dali_available, pad_batch, pil_grey
+from tap_fast.datasets import folder_split, load_dataset
 from tap_fast.feeds import DeviceFeed, epoch_order
 from tap_fast.folder_dataset import attach_boxes, attach_masks, decode_pair, list_user_folder
 
@@ -109,13 +109,15 @@ def test_images_equal_reference_loader(backend, name, knee, pneu):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,variant", [("tag", "contaminated"), ("tag", "permuted"), ("stripe", "permuted")])
-def test_contaminated_batches_equal_reference(backend, kind, variant, knee):
+@pytest.mark.parametrize("kind,variant,options", [("tag", "contaminated", {}), ("tag", "permuted", {}),
+                                                  ("stripe", "permuted", {}),
+                                                  ("tag", "permuted", {"permute": "derangement", "tag_mask": "ink"})])
+def test_contaminated_batches_equal_reference(backend, kind, variant, options, knee):
     ref = load_dataset("knee", knee).train
-    ref_x, ref_m = contaminate(ref.images, ref.labels, kind, 5, variant=variant, seed=7)
+    ref_x, ref_m = contaminate(ref.images, ref.labels, kind, 5, variant=variant, seed=7, **options)
     assert ref_m.sum() > 0
     files, labels = folder_split("knee", knee, "train")
-    feed = make_feed(files, labels, backend, kind=kind, variant=variant, seed=7, batch_size=4)
+    feed = make_feed(files, labels, backend, kind=kind, variant=variant, seed=7, batch_size=4, **options)
     for epoch in range(2):
         seen = []
         for idx, x, y, m in feed.indexed():

@@ -29,17 +29,50 @@ def func_input_gradients(model, x):
     return vmap(grad(summed_log_prob))(x.detach())
 
 
+@pytest.mark.parametrize("channel_reduction", ["sum", "none"])
 @pytest.mark.parametrize("normalize_mask", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_rrr_matches_torch_func(normalize_mask, reduction):
+def test_rrr_matches_torch_func(normalize_mask, reduction, channel_reduction):
+    """sum: sum_hw (M * sum_c grad_c)^2 (the released code); none: sum_chw (M * grad_c)^2 (Ross et al.)."""
     model = small_net()
     x, mask, _ = data()
-    value = rrr_penalty(model(x), x, mask, normalize_mask=normalize_mask, reduction=reduction)
+    value = rrr_penalty(model(x), x, mask, normalize_mask=normalize_mask, reduction=reduction,
+                        channel_reduction=channel_reduction)
     g = func_input_gradients(model, x)
+    if channel_reduction == "sum":
+        g = g.sum(1, keepdim=True)
     m = mask * (35 / mask.sum((1, 2, 3), keepdim=True)) if normalize_mask else mask
     per_sample = (m * g).square().sum((1, 2, 3))
     want = per_sample.mean() if reduction == "mean" else per_sample.sum()
     torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
+
+
+def test_rrr_sums_rgb_channels_before_squaring_by_default():
+    """For C = 3 the released code squares the channel sum of the input gradient: the default; C = 1 is the
+    same either way."""
+    torch.manual_seed(2)
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(4, 1, 6, 6) < 0.5).double()
+    g = func_input_gradients(rgb, x)
+    want = (mask * (g[:, 0] + g[:, 1] + g[:, 2]).unsqueeze(1)).square().sum((1, 2, 3)).mean()
+    torch.testing.assert_close(rrr_penalty(rgb(x), x, mask), want, rtol=1e-10, atol=1e-14)
+    per_channel = rrr_penalty(rgb(x), x, mask, channel_reduction="none")
+    assert not torch.isclose(per_channel, want)
+    grey = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    x1 = x[:, :1].detach().requires_grad_(True)
+    assert torch.equal(rrr_penalty(grey(x1), x1, mask), rrr_penalty(grey(x1), x1, mask, channel_reduction="none"))
+    with pytest.raises(ValueError, match=r"channel_reduction must be one of \('sum', 'none'\)"):
+        rrr_penalty(rgb(x), x, mask, channel_reduction="mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_penalties_return_the_inputs_dtype(dtype):
+    model = small_net().to(dtype)
+    x, mask, y = data()
+    x = x.detach().to(dtype).requires_grad_(True)
+    assert rrr_penalty(model(x), x, mask).dtype == dtype
+    assert rbr_penalty(model(x), x, mask, y, model.parameters()).dtype == dtype
 
 
 def test_input_gradient_matches_finite_differences():

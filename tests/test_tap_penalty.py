@@ -83,6 +83,20 @@ def test_tap_bf16_accumulates_in_fp32():
     assert low.item() == pytest.approx(ref.item(), rel=1e-2)
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2sq"])
+def test_tap_returns_float64_for_float64_activations(norm):
+    """float64 activations give a float64 penalty accumulated in float64: the loop's value to 1e-12 (an fp32
+    accumulation is off by 1e-8 to 1e-7 here); fp32 / fp16 / bf16 give fp32."""
+    (h, w), layers, b = CASES[3]
+    mask = random_mask(b, h, w, p=0.3)
+    acts = [torch.randn(b, c, hl, wl, dtype=torch.float64) for c, hl, wl in layers]
+    value = tap_penalty(acts, mask, norm=norm, compound=True)
+    want = tap_loop([a.numpy() for a in acts], mask[:, 0].numpy(), norm=norm, compound=True)
+    assert value.dtype == torch.float64 and value.item() == pytest.approx(want, rel=1e-12)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert tap_penalty([a.to(dtype) for a in acts], mask.float(), norm=norm).dtype == torch.float32
+
+
 def test_soft_masks_only_when_asked():
     acts = [torch.randn(1, 2, 4, 4)]
     soft = torch.full((1, 8, 8), 0.5)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tap_fast.contamination import contaminate, signal_permutation
+from tap_fast.contamination import contaminate, permuted_signal, signal_seed
 from tap_fast.datasets import stratified_take
 from tap_fast.distributed import DistContext
 from tap_fast.evaluation import (accuracy, binary_f1, evaluate, evaluate_variants, mean_absolute_error,
@@ -87,7 +87,7 @@ def test_evaluate_covers_the_whole_set_not_batch_means():
 
 def test_evaluate_variants_on_contaminated_permuted_clean_decoys():
     """A model that reads only the decoy's brightness 255 - 25 y (section 5.1) is perfect on SC(X*, y),
-    right on SC(X*, permute(y)) only where the permutation fixes the label, and blind on clean data."""
+    right on SC(X*, permute(y)) only where the random permuted signal is the label, and blind on clean data."""
 
     class DecoyReader(nn.Module):
         def forward(self, x):
@@ -102,9 +102,10 @@ def test_evaluate_variants_on_contaminated_permuted_clean_decoys():
     versions = {v: contaminate(images, labels, "decoy", 10, variant=v, seed=5)[0]
                 for v in ("contaminated", "permuted", "clean")}
     out = evaluate_variants(DecoyReader(), versions, labels, metric="accuracy", mean=MEAN, std=STD, batch_size=16)
-    perm = signal_permutation(10, generator=torch.Generator().manual_seed(5))
+    signal = permuted_signal(labels, 10, generator=torch.Generator().manual_seed(signal_seed(5)))
     assert out["contaminated"]["accuracy"] == 1.0
-    assert out["permuted"]["accuracy"] == pytest.approx((perm[labels] == labels).double().mean().item())
+    assert 0 < (signal == labels).sum() < 70
+    assert out["permuted"]["accuracy"] == pytest.approx((signal == labels).double().mean().item())
     assert out["clean"]["accuracy"] == pytest.approx(0.1)  # value 0 reads as class 9 (nearest 255 - 225 = 30)
 
 
@@ -204,7 +205,10 @@ def test_default_lambdas_follow_norm_and_appendix_c():
     ({"tau": 1.5}, "tau must lie"), ({"teacher_fraction": 1.0}, "teacher_fraction must lie"),
     ({"clean_train": True, "method": "tap"}, "clean_train"), ({"resume": True}, "resume needs run_dir"),
     ({"kernel_size": 2}, "kernel_size must be a positive odd int"), ({"momentum": 1.0}, "momentum must lie"),
-    ({"tap_backend": "cuda"}, "tap_backend must be one of")])
+    ({"tap_backend": "cuda"}, "tap_backend must be one of"), ({"tau_rule": "top"}, "tau_rule must be one of"),
+    ({"permute": "swap"}, "permute must be one of"), ({"tag_mask": "outline"}, "tag_mask must be one of"),
+    ({"teacher_lr": 0.0}, "teacher_lr must be a finite number > 0"),
+    ({"teacher_weight_decay": -1e-4}, "teacher_weight_decay must be a finite number >= 0")])
 def test_check_config_names_the_bad_field(changes, match):
     with pytest.raises(ValueError, match=match):
         check_config(dataclasses.replace(TrainConfig(), **changes))
@@ -336,6 +340,22 @@ def test_fit_drops_the_last_partial_batch_and_reshuffles_each_epoch():
         assert sum(seen[2 * epoch:2 * epoch + 2], []) == epoch_order(11, epoch=epoch, seed=4)[:8].tolist()
     assert seen[:2] != seen[2:]
     assert [len(b) for b in _fit_batches(3, 4, epochs=1)] == [3]  # a set smaller than a batch: one batch of it
+
+
+def test_fit_weight_decay_is_sgds():
+    """One step without momentum: theta - lr * (grad + wd * theta), the gradient of CE + (wd / 2) ||theta||^2."""
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randint(0, 256, (8, 1, 12, 12), generator=g, dtype=torch.uint8), torch.arange(8)
+    net = build_model("cnn2", 10, input_size=12)
+    ref = copy.deepcopy(net)
+    feed = device_feed(images, labels, TrainConfig(batch_size=8, device="cpu"), 10, DistContext())
+    fit(TappedModel(net, tap_points("cnn2")), feed, method="none", lam=0.0, epochs=1, lr=0.1, momentum=0.0,
+        mean=MEAN, std=STD, weight_decay=0.3, quiet=True)
+    params = list(ref.parameters())
+    l2 = sum(p.square().sum() for p in params)
+    loss = F.cross_entropy(ref((images.float() / 255 - MEAN) / STD), labels) + 0.3 / 2 * l2
+    for p_new, p_old, grad in zip(net.parameters(), params, torch.autograd.grad(loss, params)):
+        torch.testing.assert_close(p_new, p_old - 0.1 * grad, rtol=1e-5, atol=1e-6)
 
 
 def test_fit_reads_its_ranks_share_of_each_global_batch(tmp_path):

@@ -71,6 +71,19 @@ def test_tap_on_users_masks_removes_the_artefact_shortcut(tmp_path):
     assert boxed["loss_per_epoch"] == masked["loss_per_epoch"]
 
 
+def test_images_without_a_mask_are_counted_and_printed(tmp_path, capsys):
+    artefact_folder(tmp_path, n_per_class=6)
+    for name in ("0.png", "1.png"):
+        (tmp_path / "masks" / "train" / "vertical" / name).unlink()
+    out = tmp_path / "r.json"
+    assert main(["train", *[a for a in COMMON if a != "--quiet"], "--data-dir", str(tmp_path / "data"), "--epochs",
+                 "1", "--batch-size", "4", "--method", "tap", "--lam", "0.1", "--masks-dir", str(tmp_path / "masks"),
+                 "--out", str(out)]) == 0
+    counts = {"train": 2, "val": 0, "test": 0}
+    assert json.loads(out.read_text())["annotations"]["images_without_mask"] == counts
+    assert f"images without a mask (no spurious pixels) per split: {counts}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--masks-dir", "nope"], "--masks-dir nope is not a directory"),
     (["--boxes", "missing.csv"], "--boxes missing.csv: cannot read it"),
@@ -121,3 +134,27 @@ def test_auto_feed_streams_a_folder_beyond_the_memory_budget(tmp_path, monkeypat
     assert preparation.resolve_feed(config) in ("dali", "torchvision")
     dataset = preparation.load(config)
     assert dataset.streamed_train is not None and len(dataset.streamed_train.files) == 8
+
+
+def test_streamed_knee_layout_trains_as_the_memory_feed(tmp_path):
+    """The paper's folder sets stream too: a KNEE layout ({train,val,test}/{0..4}/*.png, odd image sizes)
+    trains identically from memory and streamed by torchvision, tags and all."""
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 5), ("val", 1), ("test", 2)):
+        for grade in range(5):
+            (tmp_path / "knee" / split / str(grade)).mkdir(parents=True)
+            for i in range(n):
+                h, w = (int(v) for v in rng.integers(30, 60, 2))
+                Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(
+                    tmp_path / "knee" / split / str(grade) / f"{i}.png")
+    common = ["train", "--dataset", "knee", "--data-dir", str(tmp_path / "knee"), "--arch", "cnn2", "--image-size",
+              "28", "--epochs", "2", "--lr", "0.05", "--batch-size", "10", "--device", "cpu", "--quiet",
+              "--no-channels-last", "--method", "tap", "--lam", "0.01", "--weights", "none"]
+    records = {}
+    for feed in ("memory", "torchvision"):
+        out = tmp_path / f"{feed}.json"
+        assert main([*common, "--feed", feed, "--out", str(out)]) == 0
+        records[feed] = json.loads(out.read_text())
+    assert records["memory"]["loss_per_epoch"] == records["torchvision"]["loss_per_epoch"]
+    assert records["memory"]["metrics"] == records["torchvision"]["metrics"]
+    assert records["torchvision"]["sizes"]["train"] == 25
