@@ -1,4 +1,5 @@
-"""Reproduce the MNIST rows of Table 9 (ground-truth annotations) and Table 12 (teacher annotations).
+"""Reproduce the MNIST rows of Table 9 (ground-truth annotations), Table 12 (teacher annotations) and Table 18
+(distillation baselines, Appendix M).
 
 Each row is trained for several seeds with ``tap_fast.experiments.train`` and reported as mean (std) of the
 final-epoch accuracy on the contaminated, permuted and clean test sets, beside the paper's numbers.
@@ -55,10 +56,20 @@ PAPER_TABLE12 = {
           "clean": ((0.958, 0.009), (0.957, 0.010), (0.953, 0.010))},
 }
 TEACHERS = {"10%": ("teacher", 0.1, 0), "1%": ("teacher", 0.01, 1), "random": ("random", 0.1, 2)}
+# Table 18 (Appendix M): the distillation baselines from the same 10% / 1% teachers, per test set.
+PAPER_TABLE18 = {
+    ("at", 0.1): ((0.995, 0.000), (0.851, 0.010), (0.689, 0.035)),
+    ("jt", 0.1): ((0.996, 0.000), (0.820, 0.007), (0.640, 0.025)),
+    ("kd", 0.1): ((0.984, 0.000), (0.968, 0.000), (0.970, 0.003)),
+    ("at", 0.01): ((0.994, 0.000), (0.822, 0.015), (0.642, 0.033)),
+    ("jt", 0.01): ((0.996, 0.000), (0.820, 0.007), (0.640, 0.025)),
+    ("kd", 0.01): ((0.966, 0.002), (0.929, 0.006), (0.922, 0.009)),
+}
 GROUND_TRUTH_ROWS = {"base": ("Base", {"method": "none", "clean_train": True}), "noxs": ("No XS", {"method": "none"}),
                      "rrr": ("RRR", {"method": "rrr"}), "rbr": ("RBR", {"method": "rbr"}),
                      "tap": ("TAP", {"method": "tap"})}
-ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher")
+DISTILLATION_ROWS = ("at", "jt", "kd")  # each with the 10% and the 1% teacher (Table 18)
+ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
 # current selection): a resumed run must have the same.
 RUN_ARGS = ("data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test", "rows",
@@ -72,6 +83,10 @@ def rows(selected: list[str], taus: list[float]) -> list[tuple[str, dict, tuple 
         if key in GROUND_TRUTH_ROWS:
             name, overrides = GROUND_TRUTH_ROWS[key]
             out.append((name, overrides, PAPER_TABLE9[name]))
+        elif key in DISTILLATION_ROWS:
+            for label, fraction in (("10%", 0.1), ("1%", 0.01)):
+                out.append((f"{key.upper()} {label}", {"method": key, "teacher_fraction": fraction},
+                            PAPER_TABLE18[key, fraction]))
         else:
             for tau in taus:
                 for label, (annotations, fraction, column) in TEACHERS.items():
@@ -105,8 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="skip the (row, seed) pairs in OUT_DIR/mnist_results.json; continue the others "
                              "from their checkpoints")
-    parser.add_argument("--rows", type=row_keys, default=list(ROW_KEYS),
-                        help="comma-separated: base, noxs, rrr, rbr, tap, teacher (Table 12 rows)")
+    parser.add_argument("--rows", type=row_keys, default=[k for k in ROW_KEYS if k not in DISTILLATION_ROWS],
+                        help="comma-separated: base, noxs, rrr, rbr, tap (Table 9 rows), teacher (Table 12 rows: "
+                             "10%%, 1%% teachers and random annotations per tau); also at, jt, kd (Table 18 rows; "
+                             "not in the default, so a run started without them resumes as before)")
     parser.add_argument("--taus", type=tau_list, default=[0.01, 0.05, 0.1])
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=positive_int, default=50)
@@ -176,7 +193,8 @@ def row_record(name: str, overrides: dict, paper: tuple | None, runs: list[dict]
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"MNIST, two-layer CNN: accuracy mean (std) over seeds {args.seeds}; epochs {args.epochs}, "
              f"lr {args.lr}, batch {args.batch_size}, norm {args.norm}, limit_train {args.limit_train}, "
-             f"limit_test {args.limit_test}. Paper: Table 9 (ground truth) and Table 12 (teacher).", "",
+             f"limit_test {args.limit_test}. Paper: Table 9 (ground truth), Table 12 (teacher), Table 18 "
+             "(distillation).", "",
              "| row | lambda | contaminated | permuted | clean | paper contaminated | paper permuted | paper clean "
              "| time/run (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:

@@ -168,7 +168,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "code does for PNEU)")
     p.add_argument("--feed", choices=FEEDS, default="auto",
                    help="training batches: memory (the set on the device, contaminated per batch), dali or "
-                        "torchvision (folders streamed from disk); auto: memory")
+                        "torchvision (folders streamed from disk); auto: memory, or streaming for an image folder "
+                        "whose decoded training images and masks exceed 4 GiB")
     p.add_argument("--compound", action="store_true",
                    help="downscale each layer's mask from the previous one's (released code)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,

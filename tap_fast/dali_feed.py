@@ -337,10 +337,11 @@ class FolderFeed:
         self.seed, self.epoch, self._threads, self._device_id = int(seed), 0, num_threads, device_id
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.labels = labels.to(self.device, torch.int64)
-        self.placement = None if kind is None else signal_placement(
+        placement = None if kind is None else signal_placement(
             labels, kind, num_classes, height=image_size, width=image_size, variant=variant,
             seed=self.seed if contamination_seed is None else int(contamination_seed), tags=tags, permute=permute,
-            tag_mask=tag_mask).to(self.device)
+            tag_mask=tag_mask)  # None for variant "clean"
+        self.placement = None if placement is None else placement.to(self.device)
         self._source = self._pipe = None
         self._dali_epochs = 0  # epochs started on the pipeline
         if backend == "dali":

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tap_fast.choices import DATASETS
 from tap_fast.folder_dataset import (IMAGE_SUFFIXES, FolderListing, attach_boxes, attach_masks, decode_split,
-                                     list_user_folder)
+                                     list_user_folder, visible_entries)
 
 logger = logging.getLogger(__name__)
 STATS_SAMPLE = 512  # "folder": training images (a fixed stratified sample) that mean and std are computed from
@@ -340,15 +340,11 @@ def _layout(name: str) -> str:
     return f"{{{','.join(_FOLDER_SPLITS[name])}}}/{{{classes}}}/*{{{','.join(IMAGE_SUFFIXES)}}}{merge}"
 
 
-def _visible(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
 def list_folder(name: str, root: Path) -> dict[str, list[tuple[Path, int]]]:
     """(path, label) per split of an image-folder data set; any deviation from the layout raises."""
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: data_dir {root} is not a directory; expected the layout {_layout(name)}")
-    found = [p.name for p in _visible(root)]
+    found = [p.name for p in visible_entries(root)]
     splits = {s: s for s in _FOLDER_SPLITS[name]}
     splits.update({a: b for a, b in _FOLDER_MERGE[name].items() if (root / a).is_dir()})
     missing = [s for s in _FOLDER_SPLITS[name] if not (root / s).is_dir()]
@@ -359,13 +355,13 @@ def list_folder(name: str, root: Path) -> dict[str, list[tuple[Path, int]]]:
     out: dict[str, list[tuple[Path, int]]] = {s: [] for s in _FOLDER_SPLITS[name]}
     for folder_name, split in splits.items():
         folder = root / folder_name
-        entries = [p.name for p in _visible(folder)]
+        entries = [p.name for p in visible_entries(folder)]
         if sorted(entries) != sorted(classes):
             kind = FileNotFoundError if set(classes) - set(entries) else ValueError
             raise kind(f"{name}: {folder} must hold exactly the class folders {list(classes)} "
                        f"(layout {_layout(name)}), found {entries}")
         for label, cls in enumerate(classes):
-            files = _visible(folder / cls)
+            files = visible_entries(folder / cls)
             bad = [p.name for p in files if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES]
             if bad:
                 raise ValueError(f"{name}: {folder / cls} holds entries that are not {IMAGE_SUFFIXES} images: "
@@ -485,6 +481,9 @@ def _load_user_dataset(root: Path, size: int, channels: int, masks_dir, boxes, s
     labels = torch.tensor([y for _, y in train], dtype=torch.int64)
     if "val" not in listing.splits:
         held, rest = stratified_take(labels, round(val_fraction * len(train)), generator)
+        if len(held) == 0:
+            raise ValueError(f"--data-dir {root}: train/ holds {len(train)} images, too few to hold out "
+                             f"{val_fraction:.0%} for validation; add a val/ folder")
         listing.splits["val"] = [train[i] for i in held]
         train, labels = [train[i] for i in rest], labels[rest]
     if limit_train is not None and limit_train < len(train):

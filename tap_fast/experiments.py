@@ -45,6 +45,9 @@ def check_run_dir(config: TrainConfig) -> None:
         return
     state = load_checkpoint(path)
     meta = run_meta(resolve(config))
+    saved_batch = (state["meta"] or {}).get("batch_size")
+    if config.batch_size is None and isinstance(saved_batch, int) and saved_batch <= meta["batch_size"]:
+        meta["batch_size"] = saved_batch  # the default batch, capped at the set's size (known only after loading)
     if config.resume:
         check_resume(state, path, meta, config.epochs)
         if not config.quiet and is_main_process():

@@ -41,7 +41,8 @@ class FolderListing:
         return sum(p not in self.masks and p not in self.boxes for p, _ in self.splits[split])
 
 
-def _visible(folder: Path) -> list[Path]:
+def visible_entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, without hidden ones (names starting with a dot)."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
@@ -61,7 +62,7 @@ def list_user_folder(data_dir: str | os.PathLike) -> FolderListing:
         folder = root / split
         if not folder.is_dir():
             continue
-        classes = [p for p in _visible(folder) if p.is_dir()]
+        classes = [p for p in visible_entries(folder) if p.is_dir()]
         if not classes:
             raise ValueError(f"split folder {folder} holds no class folders; expected {layout}")
         if split == "train":
@@ -72,7 +73,7 @@ def list_user_folder(data_dir: str | os.PathLike) -> FolderListing:
                              f"(train/ has {list(class_names)})")
         items = []
         for cls in classes:
-            files = _visible(cls)
+            files = visible_entries(cls)
             bad = [p.name for p in files if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES]
             if bad:
                 raise ValueError(f"class folder {cls} holds entries that are not {IMAGE_SUFFIXES} images: {bad[:5]}")

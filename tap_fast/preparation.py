@@ -38,9 +38,9 @@ VAL_VARIANTS = ("contaminated", "permuted")  # section 5.3 tunes lambda on the p
 MEMORY_FEED_BYTES = 4 << 30  # --feed auto: a "folder" set is held in memory up to this decoded size (4 GiB)
 # The settings a teacher (train_teacher) depends on: the keys of its cached masks and model in run_dir (permute:
 # the permuted test set of its recorded metrics).
-TEACHER_FIELDS = ("dataset", "data_dir", "limit_train", "image_size", "seed", "arch", "weights", "teacher_lr",
-                  "teacher_weight_decay", "batch_size", "momentum", "teacher_fraction", "teacher_epochs", "permute",
-                  "amp", "channels_last")
+TEACHER_FIELDS = ("dataset", "data_dir", "limit_train", "image_size", "channels", "seed", "arch", "weights",
+                  "teacher_lr", "teacher_weight_decay", "batch_size", "momentum", "teacher_fraction", "teacher_epochs",
+                  "permute", "contamination", "tag_mask", "class_weights", "amp", "channels_last")
 
 
 @dataclass
@@ -179,6 +179,9 @@ def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = Non
     kind = contamination_kind(config, dataset)
     train, info = dataset.train, {"kind": config.annotations if config.method != "none" else None}
     with_teacher = needs_teacher(config)
+    if with_teacher and dataset.streamed_train is not None:
+        raise ValueError("a teacher (teacher or random annotations, methods at / jt / kd) trains on a share of "
+                         "the whole training split: use --feed memory")
     teacher_split = None
     if with_teacher:
         teacher_split, train = clean_split(train, config.teacher_fraction, seed=config.seed)
@@ -197,9 +200,6 @@ def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = Non
     if dataset.unmasked is not None:
         info["images_without_mask"] = dataset.unmasked
     if dataset.streamed_train is not None:
-        if with_teacher:
-            raise ValueError("a teacher (teacher or random annotations, methods at / jt / kd) trains on a share of "
-                             "the whole training split: use --feed memory")
         data.train = folder_feed(dataset.streamed_train, config, dataset, ctx, kind=kind, variant=variant)
         data.train_size = len(dataset.streamed_train.files)
         data.class_weights = class_weights(config, dataset.streamed_train.labels, dataset.num_classes)

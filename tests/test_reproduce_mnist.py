@@ -94,3 +94,18 @@ def test_bad_arguments_exit_2_naming_the_flag(args, flag, mnist_dir, tmp_path, c
     err = capsys.readouterr().err
     assert f"argument {flag}: " in err or f"required: {flag}" in err
     assert not (tmp_path / "mnist_results.json").exists()
+
+
+def test_distillation_rows_train_from_each_teacher_beside_table_18(mnist_dir, tmp_path):
+    """Rows at/jt/kd expand to the 10% and 1% teachers with Table 18's numbers, and a KD row trains end to end."""
+    expanded = reproduce.rows(["at", "kd"], [0.01])
+    assert [(name, overrides) for name, overrides, _ in expanded] == [
+        ("AT 10%", {"method": "at", "teacher_fraction": 0.1}), ("AT 1%", {"method": "at", "teacher_fraction": 0.01}),
+        ("KD 10%", {"method": "kd", "teacher_fraction": 0.1}), ("KD 1%", {"method": "kd", "teacher_fraction": 0.01})]
+    assert expanded[2][2] == ((0.984, 0.000), (0.968, 0.000), (0.970, 0.003))
+    argv = tiny(mnist_dir, tmp_path / "out")
+    argv[argv.index("--rows") + 1], argv[argv.index("--seeds") + 1] = "kd", "0"
+    assert reproduce.main([*argv, "--epochs", "1"]) == 0
+    results = json.loads((tmp_path / "out" / "mnist_results.json").read_text())["results"]
+    assert [r["row"] for r in results] == ["KD 10%", "KD 1%"] and all(len(r["runs"]) == 1 for r in results)
+    assert "Table 18" in (tmp_path / "out" / "mnist_results.md").read_text()

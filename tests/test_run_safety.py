@@ -288,3 +288,14 @@ def test_a_run_prints_a_summary_line_and_where_it_resumes(tmp_path, capsys):
     assert f"{run_dir}: resuming from epoch 2" in err and "tap epoch 2/3" in err
     assert _train(run_dir, "--resume", "--epochs", "4") == 0  # --quiet: neither line
     assert capsys.readouterr().err == ""
+
+
+def test_resume_accepts_the_default_batch_capped_at_the_set(tmp_path):
+    """A default batch larger than the training set is capped (and recorded) at load time; resuming with more
+    epochs compares the capped value, not the uncapped default."""
+    run_dir = tmp_path / "run"
+    base = ["train", "--dataset", "digits", "--limit-train", "100", "--limit-test", "20", "--lr", "0.05",
+            "--device", "cpu", "--quiet", "--run-dir", str(run_dir), "--out", str(tmp_path / "r.json")]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["batch_size"] == 100  # 256 capped
+    assert main([*base, "--epochs", "2", "--resume"]) == 0

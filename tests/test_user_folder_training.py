@@ -158,3 +158,20 @@ def test_streamed_knee_layout_trains_as_the_memory_feed(tmp_path):
     assert records["memory"]["loss_per_epoch"] == records["torchvision"]["loss_per_epoch"]
     assert records["memory"]["metrics"] == records["torchvision"]["metrics"]
     assert records["torchvision"]["sizes"]["train"] == 25
+
+
+def test_base_model_streams_with_a_contamination_and_tiny_train_is_named(tmp_path, capsys):
+    """The clean-trained Base model streamed with a contamination asked (its train split is clean: no
+    placement), and a train/ too small to hold out a val split without val/ is one error line."""
+    artefact_folder(tmp_path, n_per_class=12)
+    out = tmp_path / "base.json"
+    assert main(["train", *COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "8",
+                 "--method", "none", "--clean-train", "--contamination", "stripe", "--feed", "torchvision",
+                 "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["metrics"]) == {"test", "contaminated", "permuted", "clean"}
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "small" / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small" / split / cls / "x.png")
+    assert main(["train", *COMMON, "--data-dir", str(tmp_path / "small"), "--method", "none"]) == 2
+    assert "too few to hold out 10% for validation; add a val/ folder" in capsys.readouterr().err
