@@ -232,6 +232,7 @@ def annotate(config: TrainConfig, taus: tuple[float, ...] = TAUS) -> dict:
     if not taus or any(not 0.0 < float(t) <= 1.0 for t in taus):
         raise ValueError(f"taus must be a non-empty list of thresholds in (0, 1], got {taus!r}")
     start = time.perf_counter()
+    config = dataclasses.replace(config, feed="memory")  # the teacher's share and the rest are held in memory
     dataset = load(config)
     config = resolve(dataclasses.replace(config, method="tap", annotations="teacher", lam=0.0), dataset)
     device = torch.device(config.device)
