@@ -1,23 +1,36 @@
 """Reproduce the MNIST rows of Table 9 (ground-truth annotations), Table 12 (teacher annotations) and Table 18
-(distillation baselines, Appendix M).
+(distillation baselines, Appendix M), and the same rows on PneumoniaMNIST (real chest X-rays at 28 px with the
+text tags of section 5.1 shrunk to 28 px, which the paper did not run).
 
 Each row is trained for several seeds with ``tap_fast.experiments.train`` and reported as mean (std) of the
-final-epoch accuracy on the contaminated, permuted and clean test sets, beside the paper's numbers.
-Writes ``mnist_results.json`` and ``mnist_results.md`` to ``--out-dir`` after every finished (row, seed), and
-checkpoints every run after each epoch in its own folder of ``--run-dir`` (default ``--out-dir``/runs): a killed
-run started again with ``--resume`` skips the (row, seed) pairs in the JSON and continues the unfinished one
-from its last checkpoint.
+final-epoch task metric (accuracy on MNIST, pneumonia F1 on PneumoniaMNIST) on the contaminated, permuted and
+clean test sets, beside the paper's numbers, and with Appendix D's overlap (eq. 17: recall and precision of the
+top-quartile input gradients and of each tapped layer's activations against the spurious masks, on the whole
+contaminated test set; ``tap-fast explain`` on the run's final checkpoint, which also writes its maps.png into
+the run's folder, ``appendix_d/``). A row without a default lambda (PneumoniaMNIST's, where the paper gives none
+for the two-layer CNN) takes the one section 5.3's sweep selects (lowest permuted validation loss over the decade
+grid, ``--sweep-epochs`` epochs, seed 0; the best non-degenerate one if that is degenerate), kept in
+``OUT_DIR/sweeps/`` and reused on resume. RBR, the slowest, can train on a stated subset (``--rbr-limit-train``).
+
+Writes ``DATASET_results.json`` and ``DATASET_results.md`` to ``--out-dir`` after every finished (row, seed),
+and checkpoints every run after each epoch in its own folder of ``--run-dir`` (default ``--out-dir``/runs): a
+killed run started again with ``--resume`` skips the (row, seed) pairs in the JSON and continues the unfinished
+one from its last checkpoint.
 
 Full run (GPU; the paper's settings: 50 epochs, lr 1e-3, batch 256, 5 seeds):
     python benchmarks/reproduce_mnist.py --data-dir ../shared/data/mnist --out-dir runs/mnist
 A short CPU run to check the pipeline:
     python benchmarks/reproduce_mnist.py --data-dir ../shared/data/mnist --epochs 1 --limit-train 2000 \\
         --limit-test 500 --seeds 0 --rows base,noxs,tap --lr 0.05
+PneumoniaMNIST (class-weighted cross-entropy, as the released code trains PNEU):
+    python benchmarks/reproduce_mnist.py --dataset pneumoniamnist --data-dir ../shared/data/pneumoniamnist \\
+        --out-dir runs/pneumoniamnist --epochs 10 --seeds 0 --taus 0.01
 Continue a killed run: the same command with --resume.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,10 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tap_fast.cli import positive_float, positive_int, seed_list, tau_value  # noqa: E402
 from tap_fast.datasets import load_dataset  # noqa: E402
-from tap_fast.config import TrainConfig  # noqa: E402
-from tap_fast.experiments import save_json, train  # noqa: E402
+from tap_fast.config import TrainConfig, resolve  # noqa: E402
+from tap_fast.experiments import explain, save_json, sweep, train  # noqa: E402
 
 VARIANTS = ("contaminated", "permuted", "clean")
+# Settings per data set beside the paper's hyper-parameters: PNEU's cross-entropy is class-weighted in the
+# released code (PneumoniaMNIST's train split is 74% pneumonia).
+DATASET_SETTINGS = {"mnist": {}, "pneumoniamnist": {"class_weights": "balanced"}}
+MAPS_SHOWN = 8  # images in each run's appendix_d/maps.png
 # Table 9: accuracy (std) over five runs, ground-truth annotations, two-layer CNN.
 PAPER_TABLE9 = {
     "Base": ((0.988, 0.001), (0.987, 0.001), (0.988, 0.001)),
@@ -72,12 +89,15 @@ DISTILLATION_ROWS = ("at", "jt", "kd")  # each with the 10% and the 1% teacher (
 ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
 # current selection): a resumed run must have the same.
-RUN_ARGS = ("data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test", "rows",
-            "seeds", "taus")
+RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
+            "rbr_limit_train", "sweep_epochs", "rows", "seeds", "taus")
 
 
-def rows(selected: list[str], taus: list[float]) -> list[tuple[str, dict, tuple | None]]:
-    """(row name, TrainConfig overrides, paper values per test set or None) for keys of ``ROW_KEYS``."""
+def rows(selected: list[str], taus: list[float], dataset: str = "mnist") -> list[tuple[str, dict, tuple | None]]:
+    """(row name, TrainConfig overrides, paper values per test set or None) for keys of ``ROW_KEYS``; the
+    paper's values are MNIST's (None for other data sets)."""
+    if dataset != "mnist":
+        return [(name, overrides, None) for name, overrides, _ in rows(selected, taus)]
     out = []
     for key in selected:
         if key in GROUND_TRUTH_ROWS:
@@ -89,10 +109,10 @@ def rows(selected: list[str], taus: list[float]) -> list[tuple[str, dict, tuple 
                             PAPER_TABLE18[key, fraction]))
         else:
             for tau in taus:
-                for label, (annotations, fraction, column) in TEACHERS.items():
+                for label, (source, fraction, column) in TEACHERS.items():
                     paper = PAPER_TABLE12.get(tau)
                     out.append((f"TAP {label} tau={tau:g}",
-                                {"method": "tap", "annotations": annotations, "teacher_fraction": fraction,
+                                {"method": "tap", "annotations": source, "teacher_fraction": fraction,
                                  "tau": tau},
                                 tuple(paper[v][column] for v in VARIANTS) if paper else None))
     return out
@@ -114,7 +134,9 @@ def tau_list(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True, help="folder with mnist.npz or the IDX files")
+    parser.add_argument("--dataset", choices=tuple(DATASET_SETTINGS), default="mnist")
+    parser.add_argument("--data-dir", required=True,
+                        help="folder with mnist.npz or the IDX files (pneumoniamnist: with pneumoniamnist.npz)")
     parser.add_argument("--out-dir", default="runs/reproduce_mnist")
     parser.add_argument("--run-dir", help="checkpoints, one folder per row and seed (default: OUT_DIR/runs)")
     parser.add_argument("--resume", action="store_true",
@@ -134,13 +156,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compound", action="store_true")
     parser.add_argument("--limit-train", type=positive_int)
     parser.add_argument("--limit-test", type=positive_int)
+    parser.add_argument("--rbr-limit-train", type=positive_int,
+                        help="RBR rows (and their sweep) train on this class-stratified subset of the training set")
+    parser.add_argument("--sweep-epochs", type=positive_int,
+                        help="epochs of each sweep run, for rows without a default lambda (default: --epochs)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:  # before any training: a missing folder, or one without MNIST, is an argument error
-        load_dataset("mnist", args.data_dir)
+        load_dataset(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"argument --data-dir: {e}")
+    if args.rbr_limit_train is not None and args.rbr_limit_train < args.batch_size:
+        parser.error(f"argument --rbr-limit-train: {args.rbr_limit_train} images are fewer than a batch "
+                     f"(--batch-size {args.batch_size})")
     args.run_dir = args.run_dir or str(Path(args.out_dir) / "runs")
     args.finished = finished_runs(parser, args) if args.resume else {}
     return args
@@ -148,103 +177,185 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def finished_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], dict]:
     """The per-seed records of a previous run's JSON by (row, seed); its RUN_ARGS must equal ``args``'."""
-    path = Path(args.out_dir) / "mnist_results.json"
+    path = results_path(args, ".json")
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    differ = [f"{k} {saved['args'].get(k)!r} != {getattr(args, k)!r}" for k in RUN_ARGS
-              if saved["args"].get(k) != getattr(args, k)]
+    # an argument added after the JSON was written counts with its default
+    before = {k: saved["args"][k] if k in saved["args"] else parser.get_default(k) for k in RUN_ARGS}
+    differ = [f"{k} {before[k]!r} != {getattr(args, k)!r}" for k in RUN_ARGS if before[k] != getattr(args, k)]
     if differ:
         parser.error(f"argument --resume: {path} was written with other settings ({'; '.join(differ)}); "
                      "use another --out-dir or the same settings")
     return {(r["row"], run["seed"]): run for r in saved["results"] for run in r["runs"]}
 
 
+def results_path(args: argparse.Namespace, suffix: str) -> Path:
+    return Path(args.out_dir) / f"{args.dataset}_results{suffix}"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+
+
+def row_config(overrides: dict, seed: int, args: argparse.Namespace, **fields) -> TrainConfig:
+    """A row's TrainConfig: the script's settings, the data set's, the row's ``overrides``, then ``fields``."""
+    subset = {"limit_train": args.rbr_limit_train} if overrides.get("method") == "rbr" and args.rbr_limit_train \
+        else {}
+    return TrainConfig(**{"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "lr": args.lr,
+                          "batch_size": args.batch_size, "norm": args.norm, "compound": args.compound, "seed": seed,
+                          "limit_train": args.limit_train, "limit_test": args.limit_test, "device": args.device,
+                          "quiet": args.quiet, "resume": args.resume, "overlap": False,
+                          **DATASET_SETTINGS[args.dataset], **overrides, **subset, **fields})
+
+
+def swept_lambda(overrides: dict, args: argparse.Namespace) -> dict | None:
+    """Section 5.3's choice for a row whose method has no default lambda here (None where one is known):
+    ``{"lam", "degenerate", "sweep"}`` from :func:`tap_fast.experiments.sweep` (decade grid, permuted
+    validation loss, ``--sweep-epochs``, seed 0; the best non-degenerate lambda where the chosen one is
+    degenerate, and ``degenerate`` true where every one is), run once per method and annotation setting and kept in OUT_DIR/sweeps/ (reused on resume)."""
+    if overrides.get("method", "none") == "none":
+        return None
+    config = row_config(overrides, 0, args)
+    try:
+        resolve(config)
+        return None
+    except ValueError:  # no default lambda for this method, data set and architecture
+        pass
+    setting = "gt" if config.annotations == "ground-truth" and config.method not in DISTILLATION_ROWS else "teacher"
+    folder = Path(args.out_dir) / "sweeps" / f"{config.method}-{setting}"
+    path = folder / "sweep.json"
+    if args.resume and path.is_file():
+        record = json.loads(path.read_text())
+    else:
+        print(f"sweeping lambda for {config.method} ({setting} annotations), {args.sweep_epochs or args.epochs} "
+              "epochs per lambda", file=sys.stderr, flush=True)
+        record = sweep(dataclasses.replace(config, epochs=args.sweep_epochs or args.epochs, run_dir=str(folder)))
+        save_json(record, path)
+    fallback = record["best_non_degenerate_lam"]
+    lam = fallback if record["degenerate"] and fallback is not None else record["best_lam"]
+    if lam is None:
+        raise SystemExit(f"every lambda of the {config.method} sweep in {path} diverged: pass another --lr")
+    return {"lam": lam, "degenerate": record["degenerate"] and fallback is None, "sweep": str(path)}
+
+
+def appendix_d(run_dir: Path, args: argparse.Namespace) -> dict:
+    """Eq. 17's recall and precision per map of the run's final model on its whole contaminated test set, with
+    maps.png of ``MAPS_SHOWN`` test images, both in ``run_dir``/appendix_d (``tap-fast explain``)."""
+    result = explain(run_dir / "checkpoint.pt", run_dir / "appendix_d", images=MAPS_SHOWN, overwrite=True,
+                     device=args.device, data_dir=args.data_dir)
+    return result["overlap"]["maps"]
+
+
 def train_seed(name: str, overrides: dict, seed: int, args: argparse.Namespace) -> dict:
-    """One (row, seed) run, checkpointed in its own folder: test accuracies, lambda and time, or divergence."""
-    run_dir = Path(args.run_dir) / re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") / f"seed{seed}"
-    config = TrainConfig(dataset="mnist", data_dir=args.data_dir, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, norm=args.norm, compound=args.compound, seed=seed,
-                         limit_train=args.limit_train, limit_test=args.limit_test, device=args.device,
-                         quiet=args.quiet, run_dir=str(run_dir), resume=args.resume, **overrides)
+    """One (row, seed) run, checkpointed in its own folder: test metrics, Appendix D overlap, lambda and time,
+    or divergence."""
+    run_dir = Path(args.run_dir) / slug(name) / f"seed{seed}"
+    config = row_config(overrides, seed, args, run_dir=str(run_dir))
     start = time.perf_counter()
     try:
         record = train(config)
     except FloatingPointError as e:  # the paper reports such runs as "did not converge"
         return {"seed": seed, "diverged": str(e), "lam": None, "time_s": time.perf_counter() - start}
-    return ({v: record["metrics"][v]["accuracy"] for v in VARIANTS}
+    return ({v: record["metrics"][v][record["metric"]] for v in VARIANTS}
             | {"seed": seed, "lam": record["config"]["lam"], "annotations": record["annotations"],
-               "time_s": record["timing"]["total_s"]})
+               "train_size": record["sizes"]["train"], "time_s": record["timing"]["total_s"],
+               "overlap": appendix_d(run_dir, args)})
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def row_record(name: str, overrides: dict, paper: tuple | None, runs: list[dict]) -> dict:
-    """A row's mean (std) over its finished seeds."""
+def row_record(name: str, overrides: dict, paper: tuple | None, runs: list[dict], swept: dict | None = None
+               ) -> dict:
+    """A row's mean (std) over its finished seeds, and its mean overlap per map and measure."""
     converged = [s for s in runs if "diverged" not in s]
     ours = {v: summarise([s[v] for s in converged]) if converged else (math.nan, math.nan) for v in VARIANTS}
+    with_overlap = [s["overlap"] for s in converged if s.get("overlap")]
+    overlap = {m: {k: statistics.fmean(o[m][k] for o in with_overlap) for k in ("recall", "precision")}
+               for m in (with_overlap[0] if with_overlap else {})}
     return {"row": name, "overrides": overrides, "lam": next((s["lam"] for s in converged), None), "ours": ours,
-            "paper": paper, "runs": runs, "diverged": len(runs) - len(converged),
+            "paper": paper, "overlap": overlap, "sweep": swept, "runs": runs, "diverged": len(runs) - len(converged),
             "time_s": statistics.fmean(s["time_s"] for s in runs) if runs else math.nan}
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"MNIST, two-layer CNN: accuracy mean (std) over seeds {args.seeds}; epochs {args.epochs}, "
+    """The metric table beside the paper's, then the Appendix D overlap table."""
+    metric = "accuracy" if args.dataset == "mnist" else "pneumonia F1"
+    paper = ("Paper: Table 9 (ground truth), Table 12 (teacher), Table 18 (distillation)." if args.dataset == "mnist"
+             else "The paper did not run this data set.")
+    lines = [f"{args.dataset}, two-layer CNN: {metric} mean (std) over seeds {args.seeds}; epochs {args.epochs}, "
              f"lr {args.lr}, batch {args.batch_size}, norm {args.norm}, limit_train {args.limit_train}, "
-             f"limit_test {args.limit_test}. Paper: Table 9 (ground truth), Table 12 (teacher), Table 18 "
-             "(distillation).", "",
+             f"limit_test {args.limit_test}, RBR limit_train {args.rbr_limit_train}. {paper} Lambda marked * was "
+             f"chosen by section 5.3's sweep ({args.sweep_epochs or args.epochs} epochs per lambda).", "",
              "| row | lambda | contaminated | permuted | clean | paper contaminated | paper permuted | paper clean "
              "| time/run (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         ours = [f"{m:.3f} ({s:.3f})" for m, s in (r["ours"][v] for v in VARIANTS)]
-        paper = [f"{m:.3f} ({s:.3f})" for m, s in r["paper"]] if r["paper"] else ["-"] * 3
-        lam = "-" if r["lam"] is None else f"{r['lam']:g}"
+        theirs = [f"{m:.3f} ({s:.3f})" for m, s in r["paper"]] if r["paper"] else ["-"] * 3
+        lam = "-" if r["lam"] is None else f"{r['lam']:g}" + "*" * bool(r.get("sweep"))
         notes = [f"{r['diverged']} diverged"] * bool(r["diverged"])
+        notes += ["every swept lambda degenerate"] * bool((r.get("sweep") or {}).get("degenerate"))
         notes += [f"{len(r['runs'])} of {len(args.seeds)} seeds"] * (len(r["runs"]) < len(args.seeds))
         note = f" ({', '.join(notes)})" if notes else ""
-        lines.append(f"| {r['row']}{note} | {lam} | {' | '.join(ours)} | {' | '.join(paper)} | {r['time_s']:.1f} |")
+        lines.append(f"| {r['row']}{note} | {lam} | {' | '.join(ours)} | {' | '.join(theirs)} | {r['time_s']:.1f} |")
+    maps = next((list(r["overlap"]) for r in results if r.get("overlap")), [])
+    if maps:
+        lines += ["", "Appendix D (eq. 17), whole contaminated test set, mean over seeds: recall / precision of the "
+                  "top-quartile input gradient and of each tapped layer's activations (upsampled) against the "
+                  "spurious masks; lower is less reliance on the spurious signal.", "",
+                  "| row | " + " | ".join(maps) + " |", "| --- |" + " --- |" * len(maps)]
+        for r in results:
+            cells = [f"{r['overlap'][m]['recall']:.3f} / {r['overlap'][m]['precision']:.3f}" if m in r["overlap"]
+                     else "-" for m in maps]
+            lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write(results: list[dict], args: argparse.Namespace) -> str:
     """Replace the JSON (atomically: a kill leaves the previous one) and the markdown table; return the table."""
-    out_dir = Path(args.out_dir)
     settings = {k: v for k, v in vars(args).items() if k != "finished"}
-    save_json({"args": settings, "results": results}, out_dir / "mnist_results.json.tmp")
-    os.replace(out_dir / "mnist_results.json.tmp", out_dir / "mnist_results.json")
+    path = results_path(args, ".json")
+    save_json({"args": settings, "results": results}, path.with_suffix(".json.tmp"))
+    os.replace(path.with_suffix(".json.tmp"), path)
     table = markdown(results, args)
-    (out_dir / "mnist_results.md").write_text(table)
+    results_path(args, ".md").write_text(table)
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    selected = rows(args.rows, args.taus)
+    selected = rows(args.rows, args.taus, args.dataset)
     total, done, results = len(selected) * len(args.seeds), 0, []
     for name, overrides, paper in selected:
         runs = []
+        swept = swept_lambda(overrides, args) if any((name, s) not in args.finished for s in args.seeds) else None
+        if swept:
+            overrides = {**overrides, "lam": swept["lam"]}
         for seed in args.seeds:
             done += 1
             step = f"[{done}/{total}] {name}, seed {seed}"
             if (name, seed) in args.finished:
                 runs.append(args.finished[name, seed])
-                print(f"{step}: in {args.out_dir}/mnist_results.json, skipped", file=sys.stderr, flush=True)
+                run_dir = Path(args.run_dir) / slug(name) / f"seed{seed}"
+                if "overlap" not in runs[-1] and "diverged" not in runs[-1] and (run_dir / "checkpoint.pt").is_file():
+                    runs[-1]["overlap"] = appendix_d(run_dir, args)  # a record written before overlaps were
+                print(f"{step}: in {results_path(args, '.json')}, skipped", file=sys.stderr, flush=True)
                 continue
             print(f"{step}: training", file=sys.stderr, flush=True)
             runs.append(train_seed(name, overrides, seed, args))
-            write(results + [row_record(name, overrides, paper, runs)], args)
+            write(results + [row_record(name, overrides, paper, runs, swept)], args)
             outcome = runs[-1].get("diverged") or " ".join(f"{v} {runs[-1][v]:.3f}" for v in VARIANTS)
             print(f"{step}: {outcome} ({runs[-1]['time_s']:.1f} s)", file=sys.stderr, flush=True)
-        results.append(row_record(name, overrides, paper, runs))
+        results.append(row_record(name, overrides, paper, runs, swept))
         ours, row = results[-1]["ours"], results[-1]
         print(f"{name:<24} " + "  ".join(f"{v} {m:.3f} ({s:.3f})" for v, (m, s) in ours.items())
               + (" paper: " + " ".join(f"{m:.3f}" for m, _ in paper) if paper else "")
               + (f" ({row['diverged']} seeds diverged)" if row["diverged"] else ""), flush=True)
     table = write(results, args)
     print(table)
-    print(f"wrote {args.out_dir}/mnist_results.json and mnist_results.md", file=sys.stderr)
+    print(f"wrote {results_path(args, '.json')} and {results_path(args, '.md')}", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tap_fast.choices import PERMUTES, TAG_MASKS
 from tap_fast.glyphs import render
@@ -83,8 +84,10 @@ class SignalPlacement:
     """Sample i of a set gets ``values[i]`` on the pixels of ``templates[index[i]]`` and the ground-truth mask
     ``mask_templates[index[i]]``.
 
-    templates: (P, H, W) bool; index: (N,) int64 into templates; values: (N,) uint8; mask_templates:
-    (P, H, W) bool, or None when the mask is the pixels written (a text tag's box mask covers more).
+    templates: (P, H, W) bool (the pixels set to the value), or uint8 coverage A (a small image's text tags:
+    out = round(((255 - A) x + A value) / 255), the value blended in as the area average of a larger image
+    with it burnt in); index: (N,) int64 into templates; values: (N,) uint8; mask_templates: (P, H, W)
+    bool, or None when the mask is the pixels written (nonzero coverage; a text tag's box mask covers more).
     """
     templates: torch.Tensor
     index: torch.Tensor
@@ -107,7 +110,13 @@ class SignalPlacement:
                              f"{self.templates.shape[-1]}) for this placement, got {tuple(images.shape)}")
         index = index.to(images.device)
         written = self.templates.to(images.device)[index].unsqueeze(1)
-        out = torch.where(written, values.to(images.device, torch.uint8).view(-1, 1, 1, 1), images)
+        if written.dtype == torch.bool:
+            out = torch.where(written, values.to(images.device, torch.uint8).view(-1, 1, 1, 1), images)
+        else:  # uint8 coverage: round(((255 - A) x + A v) / 255) in int32 (no ties: 255 is odd)
+            a = written.to(torch.int32)
+            blend = (255 - a) * images.to(torch.int32) + a * values.to(images.device, torch.int32).view(-1, 1, 1, 1)
+            out = blend.add_(127).floor_divide_(255).to(torch.uint8)
+            written = written > 0
         mask = written if self.mask_templates is None else self.mask_templates.to(images.device)[index].unsqueeze(1)
         return out, mask.to(torch.uint8)
 
@@ -145,7 +154,10 @@ def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str
                   generator: torch.Generator | None = None, tag_mask: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
     """Medical text tags (section 5.1): tags[signal] in white (255) bold monospace, about 22 px high on
     224x224 images (round(22 H / 224), at least 5 px, unless ``height`` is given), in a random corner
-    round(6 H / 224) px (at least 1) from the edges.
+    round(6 H / 224) px (at least 1) from the edges. Images too small for that height in the font (under
+    its smallest, 8 px render: H < 77) get, without ``height``, the tag burnt into a 224 px high image
+    and shrunk to H x W by area averaging: a grey, anti-aliased tag blended into the image (the box and
+    ink masks are the pixels the shrunk box and ink touch).
 
     The mask is the tag's whole box with ``tag_mask="box"`` (annotators draw boxes; the released mask is the
     tag's box, 22 x 44 px at 224 in its font, 22 x 54 for three letters in this one), or only the pixels
@@ -172,14 +184,43 @@ def _check_tags(tags: Sequence[str]) -> None:
 
 def _tag_placement(signal: torch.Tensor, tags: Sequence[str], img_h: int, img_w: int, height: int | None,
                    generator: torch.Generator | None, tag_mask: str) -> SignalPlacement:
-    height = _scaled(TAG_HEIGHT, img_h, 5) if height is None else height
-    margin = _scaled(TAG_MARGIN, img_h, 1)
-    bitmaps = [render(t, height) for t in tags]
-    templates = torch.stack([_corner_templates(b, img_h, img_w, margin) for b in bitmaps]).flatten(0, 1)
-    boxes = None if tag_mask == "ink" else torch.stack(
-        [_corner_templates(torch.ones_like(b), img_h, img_w, margin) for b in bitmaps]).flatten(0, 1)
+    smallest = render(tags[0], 1).shape[0]  # the font's smallest render: scale 1 plus 1 px bold
+    if height is None and _scaled(TAG_HEIGHT, img_h, 0) < smallest:
+        templates, boxes = _shrunk_tag_templates(tags, img_h, img_w, tag_mask)
+    else:
+        height = _scaled(TAG_HEIGHT, img_h, 5) if height is None else height
+        margin = _scaled(TAG_MARGIN, img_h, 1)
+        bitmaps = [render(t, height) for t in tags]
+        templates = torch.stack([_corner_templates(b, img_h, img_w, margin) for b in bitmaps]).flatten(0, 1)
+        boxes = None if tag_mask == "ink" else torch.stack(
+            [_corner_templates(torch.ones_like(b), img_h, img_w, margin) for b in bitmaps]).flatten(0, 1)
     corner = _draw(4, signal.shape[0], generator, signal.device)
     return SignalPlacement(templates, signal * 4 + corner, torch.full_like(signal, 255, dtype=torch.uint8), boxes)
+
+
+def _shrunk_tag_templates(tags: Sequence[str], img_h: int, img_w: int, tag_mask: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4 len(tags), H, W) uint8 coverage templates round(255 a) and bool masks: each tag rendered
+    TAG_HEIGHT px high in the corners of a REFERENCE_SIZE x round(REFERENCE_SIZE W / H) canvas, TAG_MARGIN
+    px from the edges, shrunk to H x W by area averaging (a = each pixel's ink coverage in [0, 1]). The
+    masks are the pixels of nonzero coverage of the tag's box (tag_mask "box") or of its ink ("ink")."""
+    ref_w = round(REFERENCE_SIZE * img_w / img_h)
+
+    def shrunk(bitmap: torch.Tensor) -> torch.Tensor:  # (4, H, W) float coverage of the four corners
+        try:
+            canvas = _corner_templates(bitmap, REFERENCE_SIZE, ref_w, TAG_MARGIN)
+        except ValueError as e:
+            raise ValueError(f"{e} (the {REFERENCE_SIZE} px reference canvas of {img_h}x{img_w} images, "
+                             f"whose tags are drawn there and shrunk)") from None
+        return F.interpolate(canvas.float().unsqueeze(1), size=(img_h, img_w), mode="area").squeeze(1)
+
+    templates, masks = [], []
+    for tag in tags:
+        bitmap = render(tag, TAG_HEIGHT)
+        ink = shrunk(bitmap)
+        templates.append(ink.mul(255).round_().to(torch.uint8))
+        masks.append(ink > 0 if tag_mask == "ink" else shrunk(torch.ones_like(bitmap)) > 0)
+    return torch.cat(templates), torch.cat(masks)
 
 
 def stripe_step(num_classes: int) -> int:

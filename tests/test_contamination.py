@@ -151,7 +151,7 @@ def test_tags_differ_by_label():
             assert not torch.equal(masks[a], masks[b])
 
 
-@pytest.mark.parametrize("size", [224, 64])
+@pytest.mark.parametrize("size", [224, 80])  # 80: the smallest scaled font (below, tags are shrunk 224 px ones)
 def test_box_masks_cover_the_tags_box_and_ink_masks_its_pixels(size):
     """tag_mask "box" (the default: annotators draw boxes, and the released mask is the tag's box) masks the
     tag's whole rendered box, in the corner of its ink; "ink" the pixels written; the images are the same."""
@@ -175,17 +175,17 @@ def test_box_masks_cover_the_tags_box_and_ink_masks_its_pixels(size):
 
 
 def test_tag_corners_are_random_and_seeded():
-    x, signal = _images(200, 64, 64), torch.randint(0, 2, (200,))
+    x, signal = _images(200, 80, 80), torch.randint(0, 2, (200,))
     def ink(seed):
         return add_text_tags(x, signal, PNEU_TAGS, generator=torch.Generator().manual_seed(seed), tag_mask="ink")[1]
 
     mask = ink(5)
-    corners = [_corner(m, render(PNEU_TAGS[s], 6), margin=2) for m, s in zip(mask[:, 0], signal.tolist())]
+    corners = [_corner(m, render(PNEU_TAGS[s], 8), margin=2) for m, s in zip(mask[:, 0], signal.tolist())]
     assert sorted(set(corners)) == [0, 1, 2, 3] and min(corners.count(c) for c in range(4)) > 25
     assert torch.equal(ink(5), mask) and not torch.equal(ink(6), mask)
 
 
-@pytest.mark.parametrize("size", [28, 64, 112, 160])
+@pytest.mark.parametrize("size", [80, 96, 112, 160])  # below 77 px: test_small_images_get_shrunk_224px_tags
 def test_tag_height_and_margin_scale_with_image_size(size):
     x = _images(6, size, size)
     signal = torch.arange(6) % 2
@@ -211,7 +211,117 @@ def test_tags_reject_bad_arguments():
     with pytest.raises(ValueError, match="signal"):
         add_text_tags(x, torch.tensor([0, 2]), PNEU_TAGS)
     with pytest.raises(ValueError, match="does not fit"):
-        add_text_tags(_images(2, 10, 10), torch.tensor([0, 1]), PNEU_TAGS)
+        add_text_tags(_images(2, 10, 10), torch.tensor([0, 1]), PNEU_TAGS, height=8)
+    with pytest.raises(ValueError, match="does not fit 224x45 images .*reference canvas of 40x8 images"):
+        add_text_tags(_images(2, 40, 8), torch.tensor([0, 1]), PNEU_TAGS)  # shrunk: too narrow at 224 px too
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("tags", [PNEU_TAGS, KNEE_TAGS])
+def test_small_images_get_shrunk_224px_tags(tags):
+    """Below 77 px (round(22 H / 224) under the font's smallest, 8 px render) a tag is the 224 px one burnt
+    into the image upsampled x8 and area-averaged back to 28 px, within a grey level (coverage is stored as
+    round(255 a)); the same seed draws the same corners at both sizes, and the tag keeps its 224 px share."""
+    n = 40
+    small, signal = _images(n, 28, 28, c=3, seed=4), torch.arange(n) % len(tags)
+    big = small.repeat_interleave(8, 2).repeat_interleave(8, 3)  # nearest x8
+    big_out, big_ink = add_text_tags(big, signal, tags, generator=_seeded(3), tag_mask="ink")
+    _check_written(big, big_out, big_ink, torch.full((n,), 255))  # the bool path at 224
+    corners = [_corner(m, render(tags[s], 22), margin=6) for m, s in zip(big_ink[:, 0], signal.tolist())]
+    assert None not in corners and len(set(corners)) == 4
+    out, mask = add_text_tags(small, signal, tags, generator=_seeded(3))
+    assert out.dtype == torch.uint8 and out.shape == small.shape
+    assert (out.float() - F.avg_pool2d(big_out.float(), 8).round()).abs().max() <= 1
+    outside = ~mask.bool().expand_as(small)
+    assert torch.equal(out[outside], small[outside]) and bool((out != small).any((1, 2, 3)).all())
+    placement = signal_placement(signal, "tag", len(tags), height=28, width=28, tags=tags)
+    assert placement.templates.dtype == torch.uint8 and placement.templates.shape == (4 * len(tags), 28, 28)
+    ink_224 = torch.tensor([float(render(t, 22).sum()) for t in tags]).repeat_interleave(4)
+    assert torch.allclose(placement.templates.float().sum((1, 2)) / 255, ink_224 / 64, atol=0.1)
+
+
+def test_small_tag_masks_are_the_pixels_the_shrunk_box_and_ink_touch():
+    """At 28 px the box mask is the 22 x 54 box of the 224 px corner (6 px margin) shrunk by 8: every pixel it
+    touches (2.75 x 6.75 px at 0.75 px from the edges: 4 x 8 pixels in the corner); ink is inside it."""
+    n, f = 24, 224 // 28
+    x, signal = _images(n, 28, 28), torch.arange(n) % 2
+    _, box = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(7))
+    out, ink = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(7), tag_mask="ink")
+    _, big_box = add_text_tags(_images(n, 224, 224), signal, PNEU_TAGS, generator=_seeded(7))  # same corners
+    h, w = render(PNEU_TAGS[0], 22).shape
+    assert render(PNEU_TAGS[1], 22).shape == (h, w)
+    corners = []
+    for b, bb in zip(box[:, 0], big_box[:, 0]):
+        corner = _corner(bb, torch.ones(h, w, dtype=torch.bool), margin=6)
+        top, left = (6, 6, 224 - 6 - h, 224 - 6 - h)[corner], (6, 224 - 6 - w, 6, 224 - 6 - w)[corner]
+        expected = torch.zeros(28, 28, dtype=torch.bool)
+        expected[top // f:-(-(top + h) // f), left // f:-(-(left + w) // f)] = True
+        assert torch.equal(b.bool(), expected)
+        corners.append(corner)
+    assert len(set(corners)) == 4
+    assert box.dtype == ink.dtype == torch.uint8 and set(box.unique().tolist()) == {0, 1}
+    assert bool((box >= ink).all()) and box.sum() > ink.sum() and bool(ink.any((1, 2, 3)).all())
+    outside = ~ink.bool()
+    assert torch.equal(out[outside], x[outside])
+
+
+@pytest.mark.parametrize("tags", [PNEU_TAGS, KNEE_TAGS])
+def test_small_tags_stay_distinguishable(tags):
+    """At 28 px every tag gives a different image on the same background and corner (same seed)."""
+    for x in (_images(6, 28, 28, seed=9), torch.zeros(6, 1, 28, 28, dtype=torch.uint8)):
+        outs = [add_text_tags(x, torch.full((6,), s), tags, generator=_seeded(0))[0] for s in range(len(tags))]
+        for a in range(len(tags)):
+            for b in range(a + 1, len(tags)):
+                assert bool((outs[a] != outs[b]).any((1, 2, 3)).all()), (tags[a], tags[b])
+
+
+def test_small_non_square_images_get_shrunk_tags():
+    """30 x 41 px: tags drawn on a 224 x round(224 * 41 / 30) canvas and shrunk; masks have the image's shape,
+    boxes sit in a corner, the coverage keeps the tag's share of the image, and a placement applied per
+    batch equals contaminate."""
+    n, size = 16, (30, 41)
+    x, signal = _images(n, *size, c=3, seed=5), torch.arange(n) % 5
+    out, box = add_text_tags(x, signal, KNEE_TAGS, generator=_seeded(2))
+    out_ink, ink = add_text_tags(x, signal, KNEE_TAGS, generator=_seeded(2), tag_mask="ink")
+    assert torch.equal(out, out_ink) and out.shape == x.shape and out.dtype == torch.uint8
+    assert box.shape == ink.shape == (n, 1, *size) and box.dtype == ink.dtype == torch.uint8
+    assert bool((box >= ink).all()) and bool(ink.any((1, 2, 3)).all())
+    outside = ~ink.bool().expand_as(x)
+    assert torch.equal(out[outside], x[outside])
+    for b in box[:, 0]:
+        r0, r1, c0, c1 = _bbox(b)
+        assert (r0 == 0 or r1 == size[0]) and (c0 == 0 or c1 == size[1]) and int(b.sum()) == (r1 - r0) * (c1 - c0)
+    placement = signal_placement(signal, "tag", 5, height=size[0], width=size[1], seed=11)
+    ref_w = round(224 * size[1] / size[0])
+    ink_224 = torch.tensor([float(render(t, 22).sum()) for t in KNEE_TAGS]).repeat_interleave(4)
+    share = placement.templates.float().sum((1, 2)) / 255 / (size[0] * size[1])
+    assert torch.allclose(share, ink_224 / (224 * ref_w), rtol=0.1)
+    want_x, want_m = contaminate(x, signal, "tag", 5, seed=11)
+    samples = torch.tensor([3, 0, 3, 15])
+    got_x, got_m = placement.apply(x[samples], samples)
+    assert torch.equal(got_x, want_x[samples]) and torch.equal(got_m, want_m[samples])
+
+
+@pytest.mark.parametrize("size, height, margin", [(224, 22, 6), (96, 8, 3), (77, 8, 2)])
+def test_larger_images_and_explicit_heights_keep_the_scaled_font(size, height, margin):
+    """From 77 px up (round(22 H / 224) >= 8) and with an explicit height, tags are bool templates: pixels are
+    255 or the original, the tag the scaled font in its corner; 76 px is the first shrunk size."""
+    x, signal = _images(12, size, size), torch.arange(12) % 2
+    placement = signal_placement(signal, "tag", 2, height=size, width=size, seed=1, tag_mask="ink")
+    assert placement.templates.dtype == torch.bool
+    out, ink = contaminate(x, signal, "tag", 2, seed=1, tag_mask="ink")
+    _check_written(x, out, ink, torch.full((12,), 255))
+    assert set(out[out != x].unique().tolist()) == {255}
+    assert all(_corner(m, render(PNEU_TAGS[s], height), margin) is not None
+               for m, s in zip(ink[:, 0], signal.tolist()))
+    assert signal_placement(signal, "tag", 2, height=76, width=76).templates.dtype == torch.uint8
+    small = _images(12, 28, 28)
+    out, ink = add_text_tags(small, signal, PNEU_TAGS, height=8, generator=_seeded(1), tag_mask="ink")
+    _check_written(small, out, ink, torch.full((12,), 255))
+    assert all(_corner(m, render(PNEU_TAGS[s], 8), margin=1) is not None for m, s in zip(ink[:, 0], signal.tolist()))
 
 
 # --- stripes --------------------------------------------------------------------------------------------
@@ -450,7 +560,17 @@ def test_cuda_matches_cpu(kind):
     assert out.is_cuda and int(mask.sum()) == 64
 
 
-@pytest.mark.parametrize("kind,classes,size", [("decoy", 10, (28, 28)), ("tag", 5, (97, 131)),
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_for_shrunk_tags():
+    x, y = _images(30, 28, 28, c=3, seed=2), torch.arange(30) % 5
+    for tag_mask in ("box", "ink"):
+        cpu = contaminate(x, y, "tag", 5, variant="permuted", seed=2, tag_mask=tag_mask)
+        gpu = contaminate(x.cuda(), y.cuda(), "tag", 5, variant="permuted", seed=2, tag_mask=tag_mask)
+        assert gpu[0].is_cuda and torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
+@pytest.mark.parametrize("kind,classes,size", [("decoy", 10, (28, 28)), ("tag", 5, (97, 131)), ("tag", 2, (28, 28)),
                                                ("stripe", 2, (224, 224))])
 @pytest.mark.parametrize("variant", ["contaminated", "permuted"])
 def test_placement_applied_per_batch_equals_contaminate(kind, classes, size, variant):
