@@ -11,6 +11,9 @@
 #                 smaller of its own cap and the time left, and a step that would start with under 20 s left
 #                 is skipped and listed.
 #     ONLY        a bash regex over step names: run only the matching steps (e.g. ONLY='kernels_.*').
+#     MNIST_DIR   the folder with mnist.npz for call 2's reproduce_mnist step (default data/mnist, which .gitignore
+#                 ignores: the device gets only the repository, so copy it there and carry it:
+#                 `mkdir -p data/mnist && cp ../shared/data/mnist/mnist.npz data/mnist/`, run with carry ["data/mnist"]).
 #     GPU_CHECK_PLAN=1  run nothing: write each step's name, cap and command to $OUT/plan.txt (fields ended by
 #                 \x1f, records by \x1e; tests/test_gpu_check.py checks on the CPU that the caps fit, every
 #                 command's arguments parse and every pytest selection is non-empty).
@@ -22,9 +25,10 @@
 # benchmarks write each row as soon as it is measured, and the tables gathered so far are rewritten under $OUT
 # every few seconds while a step runs and after it, so whatever ends the call, $OUT holds: card.md (versions,
 # device properties, the read-only nvidia-smi query, the copy bandwidth), kernel_table.md, step_table.md (steps,
-# largest batch, MNIST protocol), feeds_table.md, results.json (every record) and targets.md (the targets judged
-# from results.json by benchmarks/check_targets.py), and gpu_check.log. At most 8 files come back from a device
-# call: keep it to these seven.
+# largest batch, MNIST protocol), feeds_table.md, reproduce_table.md (call 2: Tables 9, 12 and 18 beside the
+# paper's), results.json (every record) and targets.md (the targets judged from results.json by
+# benchmarks/check_targets.py), and gpu_check.log. At most 8 files come back from a device call: keep it to
+# these eight.
 set -uo pipefail
 
 : "${OUT:?set OUT to an (empty) output directory}"
@@ -70,6 +74,7 @@ collect() {  # (re)write the tables under $OUT from the per-step files under $TM
     gather kernel_table.md "$TMP"/kernel_*.md
     gather step_table.md "$TMP"/steps_*/steps.md "$TMP"/mnist_*/mnist.md
     gather feeds_table.md "$TMP"/feeds_*.md
+    gather reproduce_table.md "$TMP"/repro/mnist_results.md
     "$PY" - "$TMP" "$TMP/.results.json" <<'EOF' 2>/dev/null
 import json, pathlib, sys
 tmp = pathlib.Path(sys.argv[1])
@@ -167,7 +172,9 @@ if [[ "$CALL" == 1 ]]; then
 else
     # Call 2: the compiled, graphed, channels_last step at ResNet-18's largest batch (TAP first: the 8,000
     # images/s target; No XS for the 2% one); the other CUDA tests; fp32 kernels with the NCHW memory tables;
-    # RRR and RBR at their own largest batch; the other models' kernels (bf16, batch 128), l2sq; the feeds.
+    # RRR and RBR at their own largest batch; the other models' kernels (bf16, batch 128), l2sq; the feeds; last,
+    # the paper's MNIST protocol (Tables 9, 12, 18: 50 epochs, 5 seeds; each (row, seed) written as it ends, in
+    # the tables' order, so a cut keeps what finished; the rest of the protocol is the same command with more time).
     # Dropped from v1's plan to fit (`dropped NAME: why`, read by tests/test_gpu_check.py):
     #   dropped steps_b16_bf16: the Table 1 rows run in fp32 (call 1); bf16 is measured at the largest batch
     #   dropped steps_identity: its rows (tap-id beside none and tap) are in steps_b16_fp32 and steps_max_bf16
@@ -177,20 +184,22 @@ else
     #   dropped bench_kernels: pytest-benchmark's copy of the ResNet-18 batch-128 kernel rows
     #   dropped tests_dali: DALI's CPU tests; DALI is not on the device (tests_engine takes its GPU path if it is)
     # Shrunk: kernels_rest runs bf16 at batch 128 only (no batch 16, no fp32), fused and eager; kernels_l2sq bf16.
-    step steps_max_compiled 130 "${ST[@]}" --configs resnet18@224:max --max-rows tap,none --max-limit 512 \
+    step steps_max_compiled 120 "${ST[@]}" --configs resnet18@224:max --max-rows tap,none --max-limit 512 \
         --dtypes bf16 --channels-last --compile --out "$TMP/steps_3"
-    step tests_kernels 65 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} "${KERNEL_TESTS[@]}" -k "not ($SUBSET)"
-    step tests_engine 50 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compiled_engine.py tests/test_feeds.py \
+    step tests_kernels 55 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} "${KERNEL_TESTS[@]}" -k "not ($SUBSET)"
+    step tests_engine 45 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests/test_compiled_engine.py tests/test_feeds.py \
         tests/test_dali_feed.py tests/test_training.py -m gpu
     step kernels_resnet18_fp32 40 "${KT[@]}" --models resnet18 --batches 128 --dtypes fp32 --memory-batch 128 \
         --memory-dtypes fp32 bf16 --out "$TMP/kernel_3.md" --json "$TMP/kernel_3.json"
     step steps_max_baselines 35 "${ST[@]}" --configs resnet18@224:max --max-rows rrr,rbr --max-limit 512 \
         --dtypes bf16 --channels-last --out "$TMP/steps_4"
-    step kernels_rest 35 "${KT[@]}" --models cnn2 vgg16 densenet121 --batches 128 --dtypes bf16 --impls eager fused \
+    step kernels_rest 30 "${KT[@]}" --models cnn2 vgg16 densenet121 --batches 128 --dtypes bf16 --impls eager fused \
         --memory-batch 0 --out "$TMP/kernel_4.md" --json "$TMP/kernel_4.json"
-    step kernels_l2sq 20 "${KT[@]}" --norm l2sq --models resnet18 --batches 128 --dtypes bf16 --impls eager fused \
+    step kernels_l2sq 15 "${KT[@]}" --norm l2sq --models resnet18 --batches 128 --dtypes bf16 --impls eager fused \
         --memory-batch 0 --out "$TMP/kernel_5.md" --json "$TMP/kernel_5.json"
-    step feeds 20 "$PY" benchmarks/bench_feeds.py --images 128 --epochs 1 --out "$TMP/feeds_1.md"
+    step feeds 15 "$PY" benchmarks/bench_feeds.py --images 128 --epochs 1 --out "$TMP/feeds_1.md"
+    step reproduce_mnist 40 "$PY" benchmarks/reproduce_mnist.py --data-dir "${MNIST_DIR:-data/mnist}" \
+        --out-dir "$TMP/repro" --rows base,noxs,tap,rrr,rbr,teacher,at,jt,kd --epochs 50 --seeds 0,1,2,3,4 --quiet
 fi
 step nvidia_smi_end 10 "${CARD[@]}" nvidia-smi
 

@@ -10,8 +10,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench_scripts import load_script
@@ -29,7 +31,27 @@ V1_PLAN = ["environment", "tests_kernels", "kernels_resnet18", "steps_b16_fp32",
            "steps_b16_bf16", "feeds", "tests_engine", "steps_identity", "kernels_rest", "kernels_l2sq",
            "kernels_channels_last", "mnist_protocol_compiled", "steps_b16_compiled", "steps_max_rest",
            "steps_max_baselines", "bench_kernels", "tests_dali"]
+
+
+def _reproduce_parser():
+    """reproduce_mnist.py's parser, with --data-dir pointed at a tiny generated mnist.npz (the device's MNIST is
+    carried in data/mnist; its parser checks the folder before anything trains)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpu_check_mnist"))
+    rng = np.random.default_rng(0)
+    np.savez(folder / "mnist.npz", x_train=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
+             y_train=np.arange(60, dtype=np.uint8) % 10, x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+             y_test=np.arange(20, dtype=np.uint8) % 10)
+    parse = load_script("reproduce_mnist").parse_args
+
+    def parse_with_tiny_mnist(argv):
+        argv = list(argv)
+        argv[argv.index("--data-dir") + 1] = str(folder)
+        return parse(argv)
+    return parse_with_tiny_mnist
+
+
 PARSERS = {"kernel_table.py": lambda: load_script("kernel_table").parse_args,
+           "reproduce_mnist.py": _reproduce_parser,
            "step_table.py": lambda: step_table.parse_args,
            "bench_feeds.py": lambda: load_script("bench_feeds").build_parser().parse_args,
            "card_state.py": lambda: load_script("card_state").build_parser().parse_args}
@@ -98,6 +120,11 @@ def test_call2_repeats_nothing_and_covers_v1(plans):
             and (a := _args(cmd)).compile and not a.no_cuda_graphs and a.channels_last
             and "bf16" in a.dtypes and "resnet18@224:max" in [c.name for c in a.configs] and "tap" in a.max_rows]
     assert fast == ["steps_max_compiled"]
+    reproduce = _args(call2["reproduce_mnist"])  # the paper's full MNIST protocol, every row
+    assert (reproduce.epochs, reproduce.seeds, reproduce.lr, reproduce.batch_size) == (50, [0, 1, 2, 3, 4], 1e-3, 256)
+    assert set(reproduce.rows) == set(load_script("reproduce_mnist").ROW_KEYS) and reproduce.taus == [0.01, 0.05, 0.1]
+    assert call2["reproduce_mnist"][call2["reproduce_mnist"].index("--data-dir") + 1] == "data/mnist"
+    assert "reproduce_table.md" in SCRIPT.read_text() and "data/" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_only_selects_steps(tmp_path):
