@@ -209,11 +209,12 @@ def row_config(overrides: dict, seed: int, args: argparse.Namespace, **fields) -
                           **DATASET_SETTINGS[args.dataset], **overrides, **subset, **fields})
 
 
-def swept_lambda(overrides: dict, args: argparse.Namespace) -> dict | None:
+def swept_lambda(overrides: dict, args: argparse.Namespace, pending: bool = True) -> dict | None:
     """Section 5.3's choice for a row whose method has no default lambda here (None where one is known):
     ``{"lam", "degenerate", "sweep"}`` from :func:`tap_fast.experiments.sweep` (decade grid, permuted
     validation loss, ``--sweep-epochs``, seed 0; the best non-degenerate lambda where the chosen one is
-    degenerate, and ``degenerate`` true where every one is), run once per method and annotation setting and kept in OUT_DIR/sweeps/ (reused on resume)."""
+    degenerate, and ``degenerate`` true where every one is), run once per method and annotation setting and kept in OUT_DIR/sweeps/ (reused on resume).
+    Without ``pending`` runs (every seed of the row finished) only a kept sweep is read, none is run."""
     if overrides.get("method", "none") == "none":
         return None
     config = row_config(overrides, 0, args)
@@ -227,6 +228,8 @@ def swept_lambda(overrides: dict, args: argparse.Namespace) -> dict | None:
     path = folder / "sweep.json"
     if args.resume and path.is_file():
         record = json.loads(path.read_text())
+    elif not pending:
+        return None
     else:
         print(f"sweeping lambda for {config.method} ({setting} annotations), {args.sweep_epochs or args.epochs} "
               "epochs per lambda", file=sys.stderr, flush=True)
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     total, done, results = len(selected) * len(args.seeds), 0, []
     for name, overrides, paper in selected:
         runs = []
-        swept = swept_lambda(overrides, args) if any((name, s) not in args.finished for s in args.seeds) else None
+        # also for a row whose seeds all finished: its record keeps the sweep (the table's * and notes)
+        swept = swept_lambda(overrides, args, any((name, s) not in args.finished for s in args.seeds))
         if swept:
             overrides = {**overrides, "lam": swept["lam"]}
         for seed in args.seeds:

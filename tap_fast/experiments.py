@@ -49,7 +49,14 @@ def check_run_dir(config: TrainConfig) -> None:
     if config.batch_size is None and isinstance(saved_batch, int) and saved_batch <= meta["batch_size"]:
         meta["batch_size"] = saved_batch  # the default batch, capped at the set's size (known only after loading)
     if config.resume:
-        check_resume(state, path, meta, config.epochs)
+        try:
+            check_resume(state, path, meta, config.epochs)
+        except ValueError as e:
+            saved = (state["meta"] or {}).get("teacher_epochs")
+            if config.teacher_epochs is None and saved not in (None, meta.get("teacher_epochs")):
+                raise ValueError(f"{e} (teacher_epochs follows epochs unless given: pass teacher_epochs "
+                                 f"(--teacher-epochs) {saved} to keep the checkpoint's teacher)") from None
+            raise
         if not config.quiet and is_main_process():
             print(f"{config.run_dir}: resuming from epoch {state['epoch'] + 1}" if state["epoch"] < config.epochs
                   else f"{config.run_dir}: all {config.epochs} epochs are done; evaluating", file=sys.stderr)
@@ -145,8 +152,9 @@ def is_main_process() -> bool:
 
 
 def _lambda_run(config: TrainConfig, lam: float) -> TrainConfig:
-    """The sweep's run of ``lam``, checkpointed in its own folder lam_{lam:.0e} of ``run_dir``."""
-    run_dir = str(Path(config.run_dir) / f"lam_{lam:.0e}") if config.run_dir else None
+    """The sweep's run of ``lam``, checkpointed in its own folder lam_{repr(float(lam))} of ``run_dir`` (exact, so
+    distinct lambdas such as 0.1 and 0.12 never share one)."""
+    run_dir = str(Path(config.run_dir) / f"lam_{float(lam)!r}") if config.run_dir else None
     return dataclasses.replace(config, lam=float(lam), run_dir=run_dir)
 
 
@@ -306,6 +314,8 @@ def explain(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, images
     the run's configuration); ``data_dir`` replaces the data set's folder it recorded. An ``out_dir`` that
     exists and is not empty is refused unless ``overwrite`` (which replaces those two files only)."""
     path, out = Path(checkpoint), Path(out_dir)
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise ValueError(f"images (--images) must be a positive int (test images in maps.png), got {images!r}")
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}: give the --run-dir of a `tap-fast train --run-dir` run, or "
                          "its --checkpoint file")

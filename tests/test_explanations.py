@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tap_fast.cli import main
+from tap_fast.experiments import explain
 from tap_fast.explanations import (GRADIENT, HEADER, PAD, maps_figure, overlap, overlap_counts, recall_precision,
                                    tile_side, top_quartile, write_maps)
 from tap_fast.tapped_model import TappedModel
@@ -164,6 +165,13 @@ def test_overlap_is_skipped_without_spurious_masks_and_explain_refuses(tmp_path,
     assert main(["explain", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no spurious masks" in err[0] and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("images", [0, -1, 2.0, True])
+def test_explain_refuses_a_bad_image_count_before_reading(images, tmp_path):
+    with pytest.raises(ValueError, match=r"images \(--images\) must be a positive int"):
+        explain(tmp_path / "missing.pt", tmp_path / "x", images=images)
+    assert not (tmp_path / "x").exists()
 
 
 def test_no_overlap_flag_leaves_the_record_out(tmp_path):

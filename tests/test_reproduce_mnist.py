@@ -1,11 +1,13 @@
 """benchmarks/reproduce_mnist.py: results written after every (row, seed), resume from the JSON and the run
 folders' checkpoints, and argument errors that name the flag (on a tiny generated MNIST, cnn2 on the CPU)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 import tap_fast.loop
+from tap_fast.config import sweep_lambdas
 from bench_scripts import load_script
 
 reproduce = load_script("reproduce_mnist")
@@ -82,7 +84,9 @@ def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
     (["--taus", "0.1,2"], "--taus"), (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"),
     (["--batch-size", "x"], "--batch-size"), (["--limit-train", "0"], "--limit-train"),
     (["--norm", "l3"], "--norm"), (["--data-dir", "/nonexistent/mnist"], "--data-dir"),
-    (["--data-dir", "{empty}"], "--data-dir"), ([], "--data-dir"),
+    (["--data-dir", "{empty}"], "--data-dir"), ([], "--data-dir"), (["--dataset", "x"], "--dataset"),
+    (["--rbr-limit-train", "8", "--batch-size", "32"], "--rbr-limit-train"), (["--rbr-limit-train", "0"], "--rbr-limit-train"),
+    (["--sweep-epochs", "0"], "--sweep-epochs"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, flag, mnist_dir, tmp_path, capsys):
     """Nothing is trained or written; a folder without MNIST, or no --data-dir at all, names --data-dir."""
@@ -109,3 +113,178 @@ def test_distillation_rows_train_from_each_teacher_beside_table_18(mnist_dir, tm
     results = json.loads((tmp_path / "out" / "mnist_results.json").read_text())["results"]
     assert [r["row"] for r in results] == ["KD 10%", "KD 1%"] and all(len(r["runs"]) == 1 for r in results)
     assert "Table 18" in (tmp_path / "out" / "mnist_results.md").read_text()
+
+
+MAPS = ("input_gradient", "pool1", "pool2")  # Appendix D's maps of cnn2: input gradients and its two tapped layers
+MEASURES = ("recall", "precision")
+
+
+def appendix_d_table(markdown):
+    """The lines of the markdown's Appendix D table after its header and separator, as lists of cells; and the
+    header's cells."""
+    lines = [line for line in markdown.split("Appendix D (eq. 17)", 1)[1].splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert set(cells[1]) == {"---"}
+    return cells[0], cells[2:]
+
+
+def test_every_run_records_appendix_d_overlap_and_rows_average_it(mnist_dir, tmp_path):
+    """Each run's JSON record holds eq. 17's recall / precision per map from `tap-fast explain` on its final
+    checkpoint, with overlap.json (the same values) and maps.png in its appendix_d/ folder; a row's overlap is
+    the mean over its seeds, and the markdown's Appendix D table has one line per row."""
+    assert reproduce.main(tiny(mnist_dir, tmp_path, "--epochs", "1")) == 0
+    results = json.loads((tmp_path / "mnist_results.json").read_text())["results"]
+    assert [r["row"] for r in results] == ["Base", "TAP"]
+    for row in results:
+        assert [run["seed"] for run in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            assert sorted(run["overlap"]) == sorted(MAPS)
+            assert all(0.0 <= run["overlap"][m][k] <= 1.0 for m in MAPS for k in MEASURES), run["overlap"]
+            folder = tmp_path / "runs" / reproduce.slug(row["row"]) / f"seed{run['seed']}" / "appendix_d"
+            assert (folder / "maps.png").read_bytes().startswith(b"\x89PNG")
+            written = json.loads((folder / "overlap.json").read_text())
+            assert written["overlap"]["maps"] == run["overlap"] and written["epoch"] == 1
+        first, second = (run["overlap"] for run in row["runs"])
+        assert first != second  # other seeds, other models: the mean below is not a copy of one of them
+        assert row["overlap"] == {m: {k: pytest.approx((first[m][k] + second[m][k]) / 2) for k in MEASURES}
+                                  for m in MAPS}
+    header, lines = appendix_d_table((tmp_path / "mnist_results.md").read_text())
+    assert header == ["row", *MAPS]
+    assert lines == [[row["row"], *(f"{row['overlap'][m]['recall']:.3f} / {row['overlap'][m]['precision']:.3f}"
+                                    for m in MAPS)] for row in results]
+
+
+def test_resume_backfills_a_missing_overlap_from_the_checkpoint(mnist_dir, tmp_path, monkeypatch):
+    """A finished record without `overlap` (written before overlaps were recorded) gets it on --resume from its
+    final checkpoint, without training: the same values as the run recorded, and appendix_d/ written again."""
+    argv = tiny(mnist_dir, tmp_path, "--rows", "tap", "--seeds", "0", "--epochs", "1")
+    assert reproduce.main(argv) == 0
+    path, run_dir = tmp_path / "mnist_results.json", tmp_path / "runs" / "tap" / "seed0"
+    saved = json.loads(path.read_text())
+    (run,) = saved["results"][0]["runs"]
+    original = run.pop("overlap")
+    saved["results"][0]["overlap"] = {}
+    path.write_text(json.dumps(saved))
+    shutil.rmtree(run_dir / "appendix_d")
+    checkpoint_mtime = (run_dir / "checkpoint.pt").stat().st_mtime_ns
+
+    def no_training(path, state):
+        raise AssertionError(f"retrained: a checkpoint saved to {path}")
+
+    monkeypatch.setattr(tap_fast.loop, "save_checkpoint", no_training)
+    assert reproduce.main([*argv, "--resume"]) == 0
+    (row,) = json.loads(path.read_text())["results"]
+    assert row["runs"] == [{**run, "overlap": original}] and row["overlap"] == original
+    assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime
+    assert json.loads((run_dir / "appendix_d" / "overlap.json").read_text())["overlap"]["maps"] == original
+    assert (run_dir / "appendix_d" / "maps.png").is_file()
+    assert [line[0] for line in appendix_d_table((tmp_path / "mnist_results.md").read_text())[1]] == ["TAP"]
+
+
+NEW_RUN_ARGS = ("dataset", "rbr_limit_train", "sweep_epochs")  # RUN_ARGS added after the first JSONs were written
+
+
+def write_older_json(mnist_dir, out_dir):
+    """mnist_results.json as a version before --dataset, --rbr-limit-train and --sweep-epochs wrote it (a tiny
+    run's other RUN_ARGS) with one finished record; returns that record."""
+    saved = reproduce.parse_args(tiny(mnist_dir, out_dir))
+    run = {"seed": 0, "contaminated": 0.5, "permuted": 0.4, "clean": 0.3, "lam": 0.0, "time_s": 1.0}
+    (out_dir / "mnist_results.json").write_text(json.dumps(
+        {"args": {k: getattr(saved, k) for k in reproduce.RUN_ARGS if k not in NEW_RUN_ARGS},
+         "results": [{"row": "Base", "runs": [run]}]}))
+    return run
+
+
+def test_resume_reads_an_older_json_with_the_new_arguments_at_their_defaults(mnist_dir, tmp_path):
+    run = write_older_json(mnist_dir, tmp_path)
+    assert reproduce.parse_args(tiny(mnist_dir, tmp_path, "--resume")).finished == {("Base", 0): run}
+
+
+@pytest.mark.parametrize("other,differ", [(["--rbr-limit-train", "64"], "rbr_limit_train None != 64"),
+                                          (["--sweep-epochs", "1"], "sweep_epochs None != 1")])
+def test_resume_refuses_an_older_json_when_a_new_argument_is_set(other, differ, mnist_dir, tmp_path, capsys):
+    write_older_json(mnist_dir, tmp_path)
+    before = (tmp_path / "mnist_results.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(tiny(mnist_dir, tmp_path, "--resume", *other))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --resume: " in err and differ in err
+    assert (tmp_path / "mnist_results.json").read_text() == before and not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def pneumoniamnist_dir(tmp_path_factory):
+    """A small random PneumoniaMNIST file (the MedMNIST layout), both classes in every split."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path_factory.mktemp("pneumoniamnist")
+    sizes = {"train": 64, "val": 32, "test": 32}
+    np.savez(folder / "pneumoniamnist.npz",
+             **{f"{s}_images": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in sizes.items()},
+             **{f"{s}_labels": (np.arange(n, dtype=np.uint8) % 2).reshape(n, 1) for s, n in sizes.items()})
+    return folder
+
+
+def test_pneumoniamnist_row_takes_the_swept_lambda_and_reuses_the_sweep(pneumoniamnist_dir, tmp_path, monkeypatch):
+    """TAP has no default lambda for cnn2 on PneumoniaMNIST: section 5.3's sweep (decade grid, --sweep-epochs)
+    picks it, kept in sweeps/tap-gt/; the row trains with it (class-weighted), the table marks it with *, and a
+    resumed run reads the sweep instead of running it again."""
+    argv = ["--dataset", "pneumoniamnist", "--data-dir", str(pneumoniamnist_dir), "--out-dir", str(tmp_path),
+            "--rows", "tap", "--seeds", "0", "--epochs", "1", "--sweep-epochs", "1", "--batch-size", "32",
+            "--lr", "0.05", "--device", "cpu", "--quiet"]
+    assert reproduce.main(argv) == 0
+    assert not (tmp_path / "mnist_results.json").exists()
+    results_json, results_md = tmp_path / "pneumoniamnist_results.json", tmp_path / "pneumoniamnist_results.md"
+    sweep_path = tmp_path / "sweeps" / "tap-gt" / "sweep.json"
+    record = json.loads(sweep_path.read_text())
+    assert [r["lam"] for r in record["runs"]] == sweep_lambdas("tap", "decade")
+    assert record["config"]["class_weights"] == "balanced" and record["config"]["epochs"] == 1
+    fallback = record["best_non_degenerate_lam"]
+    chosen = fallback if record["degenerate"] and fallback is not None else record["best_lam"]
+    swept = {"lam": chosen, "degenerate": bool(record["degenerate"]) and fallback is None, "sweep": str(sweep_path)}
+    (row,) = json.loads(results_json.read_text())["results"]
+    assert row["lam"] == chosen and row["runs"][0]["lam"] == chosen and row["sweep"] == swept
+    assert row["paper"] is None and 0.0 <= row["runs"][0]["clean"] <= 1.0
+    meta = tap_fast.loop.load_checkpoint(tmp_path / "runs" / "tap" / "seed0" / "checkpoint.pt")["meta"]
+    assert (meta["dataset"], meta["class_weights"], meta["lam"]) == ("pneumoniamnist", "balanced", chosen)
+
+    def table_line(markdown):  # the row's line in the metric table (the first)
+        (line,) = [line for line in markdown.split("Appendix D")[0].splitlines() if line.startswith("| TAP")]
+        return line
+
+    markdown = results_md.read_text()
+    assert "pneumonia F1" in markdown and "The paper did not run this data set." in markdown
+    line = table_line(markdown)
+    assert line.startswith(f"| TAP{' (every swept lambda degenerate)' * swept['degenerate']} | {chosen:g}* | ")
+    assert line.count(" - |") == 3  # no paper values
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("swept again on --resume")
+
+    monkeypatch.setattr(reproduce, "sweep", no_sweep)
+    assert reproduce.main([*argv, "--resume"]) == 0  # every run finished: nothing trains, the row keeps its mark
+    saved = json.loads(results_json.read_text())
+    assert saved["results"] == [row] and table_line(results_md.read_text()) == line  # sweep, lambda, * kept
+    saved["results"] = []  # the run unfinished: its lambda is needed again, from the kept sweep
+    results_json.write_text(json.dumps(saved))
+    assert reproduce.main([*argv, "--resume"]) == 0
+    (again,) = json.loads(results_json.read_text())["results"]
+    assert again["lam"] == chosen and again["sweep"] == swept and table_line(results_md.read_text()) == line
+
+
+def test_rbr_limit_train_subsets_the_rbr_rows_only(mnist_dir, tmp_path, capsys):
+    """--rbr-limit-train below one batch is an argument error; otherwise the RBR row trains on that stratified
+    subset of the training split (MNIST: the 120 images less the 12 held out for validation) and the others on
+    all of it."""
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(tiny(mnist_dir, tmp_path, "--rbr-limit-train", "8"))
+    assert exit_info.value.code == 2 and "argument --rbr-limit-train: " in capsys.readouterr().err
+    assert not (tmp_path / "mnist_results.json").exists()
+    argv = tiny(mnist_dir, tmp_path, "--rows", "base,rbr", "--seeds", "0", "--epochs", "1", "--rbr-limit-train", "64")
+    assert reproduce.main(argv) == 0
+    results = json.loads((tmp_path / "mnist_results.json").read_text())["results"]
+    assert [(r["row"], r["runs"][0]["train_size"]) for r in results] == [("Base", 120 - 12), ("RBR", 64)]
+    assert results[1]["lam"] == 1e4 and results[1]["sweep"] is None and not (tmp_path / "sweeps").exists()
+    meta = tap_fast.loop.load_checkpoint(tmp_path / "runs" / "rbr" / "seed0" / "checkpoint.pt")["meta"]
+    assert meta["limit_train"] == 64
+    assert "RBR limit_train 64" in (tmp_path / "mnist_results.md").read_text()

@@ -112,7 +112,7 @@ def test_a_sweep_refuses_the_run_dirs_of_an_earlier_sweep(tmp_path, capsys):
     capsys.readouterr()
     assert main(sweep) == 2
     line = _error_line(capsys)
-    assert str(tmp_path / "sweep" / "lam_1e-03") in line and "--resume" in line
+    assert str(tmp_path / "sweep" / "lam_0.001") in line and "--resume" in line
     assert main([*sweep, "--resume"]) == 0
 
 
@@ -288,6 +288,18 @@ def test_a_run_prints_a_summary_line_and_where_it_resumes(tmp_path, capsys):
     assert f"{run_dir}: resuming from epoch 2" in err and "tap epoch 2/3" in err
     assert _train(run_dir, "--resume", "--epochs", "4") == 0  # --quiet: neither line
     assert capsys.readouterr().err == ""
+
+
+def test_extending_a_teacher_run_names_teacher_epochs(tmp_path, capsys):
+    """teacher_epochs follows epochs: more epochs with --resume would change the teacher the checkpoint was
+    trained with, so it is refused with the flag that keeps it; given, the run continues."""
+    run_dir = tmp_path / "run"
+    teacher = ["--annotations", "teacher", "--batch-size", "16"]
+    assert _train(run_dir, *teacher) == 0
+    assert _train(run_dir, *teacher, "--resume", "--epochs", "2") == 2
+    line = _error_line(capsys)
+    assert "teacher_epochs" in line and "--teacher-epochs) 1 " in line
+    assert _train(run_dir, *teacher, "--resume", "--epochs", "2", "--teacher-epochs", "1") == 0
 
 
 def test_resume_accepts_the_default_batch_capped_at_the_set(tmp_path):

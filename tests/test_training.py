@@ -309,7 +309,10 @@ def test_train_record_and_sweep_selection(tmp_path):
     out = sweep(_tiny(tmp_path, "sweep", epochs=1), [1e-3, 1.0])
     losses = {r["lam"]: r["val_permuted_loss"] for r in out["runs"]}
     assert set(losses) == {1e-3, 1.0} and out["best_lam"] == min(losses, key=losses.get)
-    assert (tmp_path / "sweep" / "lam_1e+00" / "checkpoint.pt").is_file()
+    assert (tmp_path / "sweep" / "lam_1.0" / "checkpoint.pt").is_file()
+    near = sweep(_tiny(tmp_path, "near", epochs=1), [0.1, 0.12])  # one folder each, not a shared lam_1e-01
+    assert [r["lam"] for r in near["runs"]] == [0.1, 0.12]
+    assert sorted(p.name for p in (tmp_path / "near").iterdir()) == ["lam_0.1", "lam_0.12"]
 
 
 # --- fit: static-shape batches, data-parallel shares ------------------------------------------------------
