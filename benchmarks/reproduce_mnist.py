@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default="runs/reproduce_mnist")
     parser.add_argument("--run-dir", help="checkpoints, one folder per row and seed (default: OUT_DIR/runs)")
     parser.add_argument("--resume", action="store_true",
-                        help="skip the (row, seed) pairs in OUT_DIR/mnist_results.json; continue the others "
+                        help="skip the (row, seed) pairs in OUT_DIR/DATASET_results.json; continue the others "
                              "from their checkpoints")
     parser.add_argument("--rows", type=row_keys, default=[k for k in ROW_KEYS if k not in DISTILLATION_ROWS],
                         help="comma-separated: base, noxs, rrr, rbr, tap (Table 9 rows), teacher (Table 12 rows: "
@@ -200,8 +200,9 @@ def slug(name: str) -> str:
 
 def row_config(overrides: dict, seed: int, args: argparse.Namespace, **fields) -> TrainConfig:
     """A row's TrainConfig: the script's settings, the data set's, the row's ``overrides``, then ``fields``."""
-    subset = {"limit_train": args.rbr_limit_train} if overrides.get("method") == "rbr" and args.rbr_limit_train \
-        else {}
+    subset = {}
+    if overrides.get("method") == "rbr" and args.rbr_limit_train:  # a subset of --limit-train's, if given
+        subset = {"limit_train": min(args.rbr_limit_train, args.limit_train or args.rbr_limit_train)}
     return TrainConfig(**{"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "lr": args.lr,
                           "batch_size": args.batch_size, "norm": args.norm, "compound": args.compound, "seed": seed,
                           "limit_train": args.limit_train, "limit_test": args.limit_test, "device": args.device,
