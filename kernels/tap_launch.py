@@ -349,8 +349,9 @@ def tap_layer_forward(z: torch.Tensor, src: torch.Tensor, src_hw: tuple[int, int
 
 @functools.lru_cache(maxsize=4096)
 def _backward_plan(z_shape, z_stride, grad_out_stride, n_layers, w_off, device):
-    """(grid, the arguments after the pointers, copy z, copy grad_out, write through a contiguous buffer) of
-    one layer's ``tap_backward_kernel`` launch; copies are made where pixels are not evenly strided."""
+    """(grid, the arguments after the pointers, copies) of one layer's ``tap_backward_kernel`` launch; copies
+    is None, or where pixels are not evenly strided (copy z, copy grad_out, write through a contiguous
+    buffer)."""
     b, c, h, w = z_shape
     block_c, block_p = _tile(c, h * w, b, _target_programs(device), split_channels=True)
     grid = checked_grid((_cdiv(h * w, block_p), _cdiv(c, block_c), b), "z")
@@ -364,7 +365,8 @@ def _backward_plan(z_shape, z_stride, grad_out_stride, n_layers, w_off, device):
     contiguous = (c * h * w, h * w, 1)
     args = (1.0 / (n_layers * b), c, h * w, *(z_strides or contiguous), *(o_strides or contiguous),
             *(in_strides or contiguous), w_off, has_grad_out, block_c, block_p)
-    return grid, args, z_strides is None, o_strides is None, in_strides is None
+    copies = (z_strides is None, o_strides is None, in_strides is None)
+    return grid, args, copies if any(copies) else None
 
 
 def tap_grad(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_layers: int,
@@ -384,8 +386,12 @@ def tap_grad(grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor, n_lay
 def planned_grad(plan, grad_penalty: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
                  grad_out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`tap_grad` given its launch plan (``_backward_plan``, as ``tap_forward`` returns them)."""
-    grid, args, copy_z, copy_grad_out, via_copy = plan
+    grid, args, copies = plan
     grad_in = torch.empty_like(z)
+    if copies is None:  # evenly strided pixels (contiguous, channels_last): no copies
+        tap_backward_kernel[grid](z, w, grad_penalty, z if grad_out is None else grad_out, grad_in, *args)
+        return grad_in
+    copy_z, copy_grad_out, via_copy = copies
     out = torch.empty(z.shape, device=z.device, dtype=z.dtype) if via_copy else grad_in
     if copy_z:
         z = z.contiguous()

@@ -93,8 +93,9 @@ def _(grad_penalty, z, w, n_layers, grad_out, w_off=0):
     return torch.empty_like(z)
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
+# True while dynamo traces (it folds this very function to a constant), False in eager: bound directly, not
+# wrapped, as every eager forward and backward asks it (one Python call less each time)
+_tracing = torch.compiler.is_compiling
 
 
 class _TapPenalty(torch.autograd.Function):
@@ -112,19 +113,19 @@ class _TapPenalty(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_penalty):
-        n_layers = len(ctx.grads)
-        saved = ctx.saved_tensors
-        zs, weights = saved[:n_layers], saved[n_layers:]
-        if len(weights) < n_layers:  # packed
-            weights *= n_layers
-        layers = zip(zs, weights, ctx.grads, ctx.needs_input_grad[4:])
+        plans = ctx.grads
+        saved = ctx.saved_tensors  # the L activations, then the weights (eager: one packed buffer)
         if _tracing():  # the custom op (also where only the backward is traced)
-            grads = [_tap_grad_op(grad_penalty, z, w, n_layers, None, off) if need else None
-                     for z, w, (off, _), need in layers]
-        else:
-            grads = [tap_launch.planned_grad(plan, grad_penalty, z, w) if need else None
-                     for z, w, (_, plan), need in layers]
-        return None, None, None, None, *grads
+            n_layers = len(plans)
+            weights = saved[n_layers:]
+            if len(weights) < n_layers:  # packed
+                weights *= n_layers
+            return None, None, None, None, *[_tap_grad_op(grad_penalty, z, w, n_layers, None, off) if need else None
+                                             for z, w, (off, _), need in zip(saved, weights, plans,
+                                                                             ctx.needs_input_grad[4:])]
+        w, planned_grad = saved[-1], tap_launch.planned_grad
+        return None, None, None, None, *[planned_grad(plan, grad_penalty, z, w) if need else None
+                                         for z, (_, plan), need in zip(saved, plans, ctx.needs_input_grad[4:])]
 
 
 class _TapLayer(torch.autograd.Function):
@@ -236,7 +237,7 @@ def fused_tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *
     Launches: one kernel per layer (channel sum, D on the fly, masked reduction) and one sum; compound
     downscaling chains the D maps first (one launch per layer). Returns an fp32 scalar.
     """
-    return _TapPenalty.apply(mask.detach(), norm, kernel_size, compound, *activations)
+    return _TapPenalty.apply(mask.detach() if mask.requires_grad else mask, norm, kernel_size, compound, *activations)
 
 
 def tap_identity(z: torch.Tensor, mask: torch.Tensor, *, kernel_size: int = 3, norm: str = "l1"

@@ -24,6 +24,9 @@ TAU_RULES = ("quantile", "threshold")
 # SC(X*, permute(y)): a random signal per image (paper, released code; binary tasks swap), or a derangement
 PERMUTES = ("random", "derangement")
 TAG_MASKS = ("box", "ink")  # a text tag's ground-truth mask: its whole box (released code), or its ink only
+# Text tags on images under 77 px, where the 22 px tag would scale under the font's smallest (8 px) render: that
+# render (legible, white), or the tag burnt into a 224 px image that is then shrunk by area averaging (grey)
+TAG_STYLES = ("font", "shrunk")
 SWEEP_GRIDS = ("decade", "half")  # the sweep's lambdas: 1 per decade (section 5.3), or 1 and 3 per decade
 SWEEP_SELECTIONS = ("loss", "metric")  # the sweep selects on the permuted validation loss or task metric
 OVERLAP_IMAGES = 256  # train's Appendix D overlap: at most this many contaminated test images (stratified)

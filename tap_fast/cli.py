@@ -19,7 +19,7 @@ from pathlib import Path
 from kernels import NORMS
 from tap_fast.choices import (AMP_MODES, ANNOTATIONS, ARCH_NAMES, CLASS_WEIGHTS, CONTAMINATIONS, DATASETS, FEEDS,
                               METHODS, OVERLAP_IMAGES, PERMUTES, STEP_BACKENDS, SWEEP_GRIDS, SWEEP_SELECTIONS,
-                              TAG_MASKS, TAU_RULES, TAUS)
+                              TAG_MASKS, TAG_STYLES, TAU_RULES, TAUS)
 
 # The demo: No XS and TAP on the embedded digits (and a Base model on clean digits), sized for a laptop CPU:
 # the decoys are picked up within a few epochs; later the digits are memorised and the contrast shrinks.
@@ -123,6 +123,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag-mask", choices=TAG_MASKS, default="box",
                    help="a text tag's ground-truth mask: box (its whole box, as annotators draw and the released "
                         "code masks) or ink (its written pixels only)")
+    p.add_argument("--tag-style", choices=TAG_STYLES, default="font",
+                   help="text tags on images under 77 px (where the 22 px tag of 224 px images would be smaller "
+                        "than the font's 8 px render): font (that render, white and legible; 8 x 20 px on 28 px "
+                        "images) or shrunk (burnt into a 224 px image that is then shrunk by area averaging: "
+                        "grey, 2.75 x 6.75 px at 28 px)")
     p.add_argument("--image-size", type=positive_int, help="resize images to this side (default: data set's)")
     p.add_argument("--limit-train", type=positive_int, help="use at most N training images (stratified)")
     p.add_argument("--limit-test", type=positive_int,

@@ -15,7 +15,7 @@ import torch
 from kernels import NORMS, check_kernel_size, interpreter_enabled
 from tap_fast.choices import (AMP_MODES, ANNOTATIONS, ARCH_NAMES, CLASS_WEIGHTS, CONTAMINATIONS, DATASETS,
                               DISTILLATION_METHODS, FEEDS, METHODS, PERMUTES, STEP_BACKENDS, SWEEP_GRIDS, TAG_MASKS,
-                              TAU_RULES)
+                              TAG_STYLES, TAU_RULES)
 from tap_fast.datasets import Dataset
 from tap_fast.distillation import check_temperature
 from tap_fast.tap import triton_available
@@ -90,6 +90,7 @@ class TrainConfig:
     tau_rule: str = "quantile"  # eq. 14: mask the tau fraction of lowest-saliency pixels (released), or E < tau
     permute: str = "random"  # SC(X*, permute(y)): a random signal per image (binary: swap), or a derangement
     tag_mask: str = "box"  # a text tag's mask: its whole box (annotators draw boxes; released), or its ink
+    tag_style: str = "font"  # tags on images under 77 px: the font's smallest render, or shrunk from 224 px
     teacher_fraction: float = 0.1
     teacher_epochs: int | None = None  # default: epochs
     teacher_lr: float = 1e-4  # the released teachers' SGD learning rate
@@ -123,9 +124,15 @@ RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "overwrite", "quiet",
                   "compile", "cuda_graphs", "tap_backend", "feed", "overlap")
 
 
-def run_meta(config: TrainConfig) -> dict:
-    """What a resolved ``config`` computes (all but RUNTIME_FIELDS): its checkpoints' ``meta``."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+def run_meta(config: TrainConfig, saved: dict | None = None) -> dict:
+    """What a resolved ``config`` computes (all but RUNTIME_FIELDS): its checkpoints' ``meta``. Given the
+    ``saved`` meta of a checkpoint to resume, the settings it lacks that ``config`` holds at their defaults
+    (fields added after it was written) are left out, so that it still resumes."""
+    meta = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+    if saved is None:
+        return meta
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in meta.items() if k in saved or k not in defaults or v != defaults[k]}
 
 
 def default_lambda(method: str, norm: str, dataset: str, arch: str, annotations: str) -> float:
@@ -182,7 +189,8 @@ def check_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first invalid field of ``config``."""
     choices = {"dataset": DATASETS, "method": METHODS, "annotations": ANNOTATIONS, "norm": NORMS, "amp": AMP_MODES,
                "tap_backend": STEP_BACKENDS, "contamination": (None, *CONTAMINATIONS), "class_weights": CLASS_WEIGHTS,
-               "feed": FEEDS, "channels": (1, 3), "tau_rule": TAU_RULES, "permute": PERMUTES, "tag_mask": TAG_MASKS}
+               "feed": FEEDS, "channels": (1, 3), "tau_rule": TAU_RULES, "permute": PERMUTES, "tag_mask": TAG_MASKS,
+               "tag_style": TAG_STYLES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(config, name)!r}")
@@ -319,6 +327,7 @@ def step_options(config: TrainConfig) -> dict:
 
 
 def signal_options(config: TrainConfig) -> dict:
-    """contaminate's options from a config: the permuted sets' signal (permute) and the tags' masks (tag_mask)."""
-    return {"permute": config.permute, "tag_mask": config.tag_mask}
+    """contaminate's options from a config: the permuted sets' signal (permute), the tags' masks (tag_mask) and
+    small images' tags (tag_style)."""
+    return {"permute": config.permute, "tag_mask": config.tag_mask, "tag_style": config.tag_style}
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tap_fast.choices import PERMUTES, TAG_MASKS
+from tap_fast.choices import PERMUTES, TAG_MASKS, TAG_STYLES
 from tap_fast.glyphs import render
 
 KINDS = ("decoy", "tag", "stripe")
@@ -151,7 +151,8 @@ def _decoy_placement(signal: torch.Tensor, height: int, width: int, generator: t
 
 
 def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str], *, height: int | None = None,
-                  generator: torch.Generator | None = None, tag_mask: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, tag_mask: str = "box", tag_style: str = "font"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Medical text tags (section 5.1): tags[signal] in white (255) bold monospace, about 22 px high on
     224x224 images (round(22 H / 224), at least 5 px, unless ``height`` is given), in a random corner
     round(6 H / 224) px (at least 1) from the edges. Images too small for that height in the font (under
@@ -165,8 +166,9 @@ def add_text_tags(images: torch.Tensor, signal: torch.Tensor, tags: Sequence[str
     images = _check_images(images)
     _check_tags(tags)
     _check_choice("tag_mask", tag_mask, TAG_MASKS)
+    _check_choice("tag_style", tag_style, TAG_STYLES)
     signal = _check_signal(signal, images.shape[0], len(tags), images.device)
-    return _tag_placement(signal, tags, *images.shape[-2:], height, generator, tag_mask).apply(images)
+    return _tag_placement(signal, tags, *images.shape[-2:], height, generator, tag_mask, tag_style).apply(images)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -183,9 +185,9 @@ def _check_tags(tags: Sequence[str]) -> None:
 
 
 def _tag_placement(signal: torch.Tensor, tags: Sequence[str], img_h: int, img_w: int, height: int | None,
-                   generator: torch.Generator | None, tag_mask: str) -> SignalPlacement:
+                   generator: torch.Generator | None, tag_mask: str, tag_style: str) -> SignalPlacement:
     smallest = render(tags[0], 1).shape[0]  # the font's smallest render: scale 1 plus 1 px bold
-    if height is None and _scaled(TAG_HEIGHT, img_h, 0) < smallest:
+    if tag_style == "shrunk" and height is None and _scaled(TAG_HEIGHT, img_h, 0) < smallest:
         templates, boxes = _shrunk_tag_templates(tags, img_h, img_w, tag_mask)
     else:
         height = _scaled(TAG_HEIGHT, img_h, 5) if height is None else height
@@ -297,11 +299,13 @@ def signal_seed(seed: int) -> int:
 
 def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, height: int, width: int,
                      variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None,
-                     permute: str = "random", tag_mask: str = "box") -> SignalPlacement | None:
+                     permute: str = "random", tag_mask: str = "box", tag_style: str = "font"
+                     ) -> SignalPlacement | None:
     """The placement :func:`contaminate` writes into N images of ``height`` x ``width`` px with labels
     ``labels`` (N,), on the labels' device; None for variant "clean". Arguments as :func:`contaminate`."""
     for name, value, allowed in (("kind", kind, KINDS), ("variant", variant, VARIANTS),
-                                 ("permute", permute, PERMUTES), ("tag_mask", tag_mask, TAG_MASKS)):
+                                 ("permute", permute, PERMUTES), ("tag_mask", tag_mask, TAG_MASKS),
+                                 ("tag_style", tag_style, TAG_STYLES)):
         _check_choice(name, value, allowed)
     if tags is not None and kind != "tag":
         raise ValueError(f"tags apply to kind='tag' only, got kind={kind!r}")
@@ -331,13 +335,14 @@ def signal_placement(labels: torch.Tensor, kind: str, num_classes: int, *, heigh
         if len(tags) != num_classes:
             raise ValueError(f"tags must hold one string per class ({num_classes}), got {tags!r}")
         _check_tags(tags)
-        return _tag_placement(signal, tags, height, width, None, generator, tag_mask)
+        return _tag_placement(signal, tags, height, width, None, generator, tag_mask, tag_style)
     return _stripe_placement(signal, num_classes, height, width, generator)
 
 
 def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_classes: int, *,
                 variant: str = "contaminated", seed: int = 0, tags: Sequence[str] | None = None,
-                permute: str = "random", tag_mask: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+                permute: str = "random", tag_mask: str = "box", tag_style: str = "font"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """SC(X*, y) ("contaminated"), SC(X*, permute(y)) ("permuted") or X* ("clean": a copy of the images and
     an all-zero mask) with a contamination ``kind`` in KINDS: :func:`signal_placement` applied to ``images``.
 
@@ -354,7 +359,7 @@ def contaminate(images: torch.Tensor, labels: torch.Tensor, kind: str, num_class
             raise ValueError(f"labels must have shape ({n},) to match the images, got {tuple(labels.shape)}")
         labels = labels.to(images.device)
     placement = signal_placement(labels, kind, num_classes, height=h, width=w, variant=variant, seed=seed,
-                                 tags=tags, permute=permute, tag_mask=tag_mask)
+                                 tags=tags, permute=permute, tag_mask=tag_mask, tag_style=tag_style)
     if placement is None:
         return images.clone(), torch.zeros(n, 1, h, w, dtype=torch.uint8, device=images.device)
     return placement.apply(images)

@@ -267,7 +267,7 @@ class FolderFeed:
         files, labels: the image paths and (N,) integer labels (see :func:`tap_fast.datasets.folder_split`, or a split of
             :func:`tap_fast.folder_dataset.list_user_folder`).
         kind: "tag" or "stripe" (any of ``KINDS``), or None for no contamination.
-        num_classes, variant, tags, permute, tag_mask: as :func:`tap_fast.contamination.contaminate`.
+        num_classes, variant, tags, permute, tag_mask, tag_style: as :func:`tap_fast.contamination.contaminate`.
         masks: per file, its mask PNG (the image's size; nonzero = spurious) or None; None: no mask files.
         boxes: per file, its spurious boxes (x0, y0, x1, y1) in the original image's pixels (x0 <= x < x1,
             y0 <= y < y1; inside the image, as :func:`~tap_fast.folder_dataset.attach_boxes` checks); None: none.
@@ -295,7 +295,7 @@ class FolderFeed:
                  device_id: int | None = None, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, drop_last: bool = True, tags: Sequence[str] | None = None,
                  backend: str = "auto", num_threads: int = 4, permute: str = "random",
-                 tag_mask: str = "box") -> None:
+                 tag_mask: str = "box", tag_style: str = "font") -> None:
         self.files = [Path(f) for f in files]
         missing = [str(f) for f in self.files if not f.is_file()]
         if not self.files or missing:
@@ -340,7 +340,7 @@ class FolderFeed:
         placement = None if kind is None else signal_placement(
             labels, kind, num_classes, height=image_size, width=image_size, variant=variant,
             seed=self.seed if contamination_seed is None else int(contamination_seed), tags=tags, permute=permute,
-            tag_mask=tag_mask)  # None for variant "clean"
+            tag_mask=tag_mask, tag_style=tag_style)  # None for variant "clean"
         self.placement = None if placement is None else placement.to(self.device)
         self._source = self._pipe = None
         self._dali_epochs = 0  # epochs started on the pipeline

@@ -36,6 +36,12 @@ def _checkpoint(config: TrainConfig) -> Path | None:
     return Path(config.run_dir) / "checkpoint.pt" if config.run_dir else None
 
 
+def _saved_meta(config: TrainConfig) -> dict | None:
+    """The meta of the checkpoint a resumed run continues (None when it starts afresh)."""
+    path = _checkpoint(config)
+    return (load_checkpoint(path)["meta"] or {}) if config.resume and path is not None and path.is_file() else None
+
+
 def check_run_dir(config: TrainConfig) -> None:
     """Before any data is loaded: refuse a ``run_dir`` whose checkpoint the run would replace without
     ``overwrite`` (or, with ``resume``, one it cannot continue); print "resuming from epoch N" when it resumes.
@@ -44,7 +50,7 @@ def check_run_dir(config: TrainConfig) -> None:
     if path is None or config.overwrite or not path.is_file():
         return
     state = load_checkpoint(path)
-    meta = run_meta(resolve(config))
+    meta = run_meta(resolve(config), state["meta"])
     saved_batch = (state["meta"] or {}).get("batch_size")
     if config.batch_size is None and isinstance(saved_batch, int) and saved_batch <= meta["batch_size"]:
         meta["batch_size"] = saved_batch  # the default batch, capped at the set's size (known only after loading)
@@ -93,7 +99,8 @@ def run(config: TrainConfig, data: PreparedData, ctx: DistContext | None = None)
         history = fit(tapped, data.train, method=config.method, lam=config.lam, epochs=config.epochs, lr=config.lr,
                       momentum=config.momentum, mean=ds.mean, std=ds.std, norm=config.norm,
                       kernel_size=config.kernel_size, compound=config.compound, checkpoint=_checkpoint(config),
-                      resume=config.resume, meta=run_meta(config), quiet=config.quiet, desc=desc,
+                      resume=config.resume, meta=run_meta(config, _saved_meta(config)), quiet=config.quiet,
+                      desc=desc,
                       class_weights=data.class_weights, teacher=data.teacher, temperature=config.temperature,
                       **step_options(config), ctx=ctx)
     train_s = time.perf_counter() - start
@@ -255,7 +262,7 @@ def annotate(config: TrainConfig, taus: tuple[float, ...] = TAUS) -> dict:
     test = stratified_subset(dataset.test, config.limit_test)
     record["metrics"] = evaluate_variants(
         teacher, {k: v.to(device) for k, v in split_versions(test, dataset, kind, variant_seed(config.seed, 3),
-                                                             permute=config.permute).items()},
+                                                             **signal_options(config)).items()},
         test.labels.to(device), metric=dataset.metric, mean=dataset.mean, std=dataset.std)
     saliency = saliency_maps(teacher, images.to(device), mean=dataset.mean, std=dataset.std).cpu()
     per_tau = {}

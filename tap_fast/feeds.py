@@ -102,8 +102,8 @@ class DeviceFeed:
         shuffle: reshuffle each epoch (see :meth:`set_epoch`); False reads in index order.
         rank, world_size: DDP sharding; each rank reads a disjoint equal share of each epoch.
         tags: text tags per class for kind="tag" (defaults of :func:`contaminate` when None).
-        permute, tag_mask: the permuted variant's signal and the tags' masks, as
-            :func:`~tap_fast.contamination.contaminate`'s ("random" and "box" by default).
+        permute, tag_mask, tag_style: the permuted variant's signal, the tags' masks and small images' tags,
+            as :func:`~tap_fast.contamination.contaminate`'s ("random", "box" and "font" by default).
 
     Iterating gives one epoch of ``x`` float32 (B, C, H, W) normalised (or uint8), ``y`` int64 (B,) and ``mask``
     float32 (B, 1, H, W) (1 = spurious pixel), all on ``device``; the next iteration reads the next epoch.
@@ -117,7 +117,8 @@ class DeviceFeed:
                  std: float | None, seed: int = 0, device: torch.device | str = "cuda", drop_last: bool = True,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  tags: Sequence[str] | None = None, contamination_seed: int | None = None,
-                 masks: torch.Tensor | None = None, permute: str = "random", tag_mask: str = "box") -> None:
+                 masks: torch.Tensor | None = None, permute: str = "random", tag_mask: str = "box",
+                 tag_style: str = "font") -> None:
         images = _check_images(images_uint8)
         if masks is not None and (not isinstance(masks, torch.Tensor)
                                   or tuple(masks.shape) != (images.shape[0], 1, *images.shape[2:])):
@@ -147,7 +148,7 @@ class DeviceFeed:
         placement = None if kind is None else signal_placement(
             labels, kind, num_classes, height=images.shape[2], width=images.shape[3], variant=variant,
             seed=self.seed if contamination_seed is None else int(contamination_seed), tags=tags, permute=permute,
-            tag_mask=tag_mask)
+            tag_mask=tag_mask, tag_style=tag_style)
         self.placement = None if placement is None else placement.to(self.device)
         self.images, self.labels = images.to(self.device), labels.to(self.device, torch.int64)
         self.masks = None if masks is None else masks.to(self.device)

@@ -40,7 +40,7 @@ MEMORY_FEED_BYTES = 4 << 30  # --feed auto: a "folder" set is held in memory up 
 # the permuted test set of its recorded metrics).
 TEACHER_FIELDS = ("dataset", "data_dir", "limit_train", "image_size", "channels", "seed", "arch", "weights",
                   "teacher_lr", "teacher_weight_decay", "batch_size", "momentum", "teacher_fraction", "teacher_epochs",
-                  "permute", "contamination", "tag_mask", "class_weights", "amp", "channels_last")
+                  "permute", "contamination", "tag_mask", "tag_style", "class_weights", "amp", "channels_last")
 
 
 @dataclass
@@ -94,15 +94,16 @@ def variant_seed(seed: int, k: int) -> int:
 
 
 def contaminate_split(split: Split, dataset: Dataset, kind: str | None, variant: str, seed: int, *,
-                      permute: str = "random", tag_mask: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+                      permute: str = "random", tag_mask: str = "box", tag_style: str = "font"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split's images with the spurious signal ``kind`` and their masks (uint8; united with the split's own
-    masks when it has them); kind None: the images as given. ``permute`` and ``tag_mask`` as ``contaminate``'s
-    (a config's: ``signal_options(config)``)."""
+    masks when it has them); kind None: the images as given. ``permute``, ``tag_mask`` and ``tag_style`` as
+    ``contaminate``'s (a config's: ``signal_options(config)``)."""
     if kind is None:
         images, masks = split.images, torch.zeros_like(split.images[:, :1])
     else:
         images, masks = contaminate(split.images, split.labels, kind, dataset.num_classes, variant=variant,
-                                    seed=seed, permute=permute, tag_mask=tag_mask)
+                                    seed=seed, permute=permute, tag_mask=tag_mask, tag_style=tag_style)
     return images, (masks if split.masks is None else torch.maximum(masks.to(split.masks.dtype), split.masks))
 
 
@@ -115,14 +116,14 @@ def stratified_subset(split: Split, n: int | None) -> Split:
 
 
 def split_versions(split: Split, dataset: Dataset, kind: str | None, seed: int,
-                   variants: tuple[str, ...] = VARIANTS, *, permute: str = "random") -> dict[str, torch.Tensor]:
-    """Versions of a split's images (contaminated and permuted ones share signal positions; ``permute`` as
-    ``contaminate``'s). The user's own data set adds "test", the split as given (the only version when no
-    contamination is asked for)."""
+                   variants: tuple[str, ...] = VARIANTS, **signal: str) -> dict[str, torch.Tensor]:
+    """Versions of a split's images (contaminated and permuted ones share signal positions; ``signal``:
+    contaminate's options, ``signal_options(config)``). The user's own data set adds "test", the split as given
+    (the only version when no contamination is asked for)."""
     given = {"test": split.images} if dataset.contamination is None else {}
     if kind is None:
         return given
-    return {**given, **{v: contaminate_split(split, dataset, kind, v, seed, permute=permute)[0] for v in variants}}
+    return {**given, **{v: contaminate_split(split, dataset, kind, v, seed, **signal)[0] for v in variants}}
 
 
 def class_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
@@ -192,10 +193,10 @@ def prepare(config: TrainConfig, dataset: Dataset, ctx: DistContext | None = Non
         class_weights=class_weights(config, train.labels, dataset.num_classes),
         val={k: v.to(device)
              for k, v in split_versions(val, dataset, kind, variant_seed(config.seed, 2), VAL_VARIANTS,
-                                        permute=config.permute).items()},
+                                        **signal_options(config)).items()},
         val_labels=val.labels.to(device),
         test={k: v.to(device) for k, v in split_versions(test, dataset, kind, variant_seed(config.seed, 3),
-                                                         permute=config.permute).items()},
+                                                         **signal_options(config)).items()},
         test_labels=test.labels.to(device), annotation_info=info)
     if dataset.unmasked is not None:
         info["images_without_mask"] = dataset.unmasked

@@ -49,19 +49,19 @@ def test_bad_arguments_exit_non_zero_naming_the_argument(args, flag, capsys):
 
 
 def test_semantics_flags_reach_the_config_with_its_defaults():
-    """--permute, --tag-mask, --tau-rule, --teacher-lr and --teacher-weight-decay fill the TrainConfig fields
+    """--permute, --tag-mask, --tag-style, --tau-rule, --teacher-lr and --teacher-weight-decay fill the TrainConfig fields
     of their names; without them the CLI's defaults are TrainConfig's (the released code's semantics)."""
     from tap_fast.cli import _config, build_parser
     from tap_fast.config import TrainConfig
-    fields = ("permute", "tag_mask", "tau_rule", "teacher_lr", "teacher_weight_decay")
+    fields = ("permute", "tag_mask", "tag_style", "tau_rule", "teacher_lr", "teacher_weight_decay")
     parser = build_parser()
     for command in ("train", "sweep", "annotate"):
         config = _config(parser.parse_args([command]))
         assert [getattr(config, f) for f in fields] == [getattr(TrainConfig(), f) for f in fields] == [
-            "random", "box", "quantile", 1e-4, 1e-4]
-    args = parser.parse_args(["train", "--permute", "derangement", "--tag-mask", "ink", "--tau-rule", "threshold",
-                              "--teacher-lr", "0.01", "--teacher-weight-decay", "0"])
-    assert [getattr(_config(args), f) for f in fields] == ["derangement", "ink", "threshold", 0.01, 0.0]
+            "random", "box", "font", "quantile", 1e-4, 1e-4]
+    args = parser.parse_args(["train", "--permute", "derangement", "--tag-mask", "ink", "--tag-style", "shrunk",
+                              "--tau-rule", "threshold", "--teacher-lr", "0.01", "--teacher-weight-decay", "0"])
+    assert [getattr(_config(args), f) for f in fields] == ["derangement", "ink", "shrunk", "threshold", 0.01, 0.0]
     assert parser.parse_args(["annotate", "--lr", "0.05"]).teacher_lr == 0.05  # annotate's --lr is the teacher's
     assert parser.parse_args(["annotate", "--teacher-lr", "0.02"]).teacher_lr == 0.02
 

@@ -213,7 +213,7 @@ def test_tags_reject_bad_arguments():
     with pytest.raises(ValueError, match="does not fit"):
         add_text_tags(_images(2, 10, 10), torch.tensor([0, 1]), PNEU_TAGS, height=8)
     with pytest.raises(ValueError, match="does not fit 224x45 images .*reference canvas of 40x8 images"):
-        add_text_tags(_images(2, 40, 8), torch.tensor([0, 1]), PNEU_TAGS)  # shrunk: too narrow at 224 px too
+        add_text_tags(_images(2, 40, 8), torch.tensor([0, 1]), PNEU_TAGS, tag_style="shrunk")  # shrunk: too narrow at 224 px too
 
 
 def _seeded(seed):
@@ -222,7 +222,7 @@ def _seeded(seed):
 
 @pytest.mark.parametrize("tags", [PNEU_TAGS, KNEE_TAGS])
 def test_small_images_get_shrunk_224px_tags(tags):
-    """Below 77 px (round(22 H / 224) under the font's smallest, 8 px render) a tag is the 224 px one burnt
+    """With tag_style "shrunk", below 77 px (round(22 H / 224) under the font's smallest, 8 px render) a tag is the 224 px one burnt
     into the image upsampled x8 and area-averaged back to 28 px, within a grey level (coverage is stored as
     round(255 a)); the same seed draws the same corners at both sizes, and the tag keeps its 224 px share."""
     n = 40
@@ -232,12 +232,12 @@ def test_small_images_get_shrunk_224px_tags(tags):
     _check_written(big, big_out, big_ink, torch.full((n,), 255))  # the bool path at 224
     corners = [_corner(m, render(tags[s], 22), margin=6) for m, s in zip(big_ink[:, 0], signal.tolist())]
     assert None not in corners and len(set(corners)) == 4
-    out, mask = add_text_tags(small, signal, tags, generator=_seeded(3))
+    out, mask = add_text_tags(small, signal, tags, generator=_seeded(3), tag_style="shrunk")
     assert out.dtype == torch.uint8 and out.shape == small.shape
     assert (out.float() - F.avg_pool2d(big_out.float(), 8).round()).abs().max() <= 1
     outside = ~mask.bool().expand_as(small)
     assert torch.equal(out[outside], small[outside]) and bool((out != small).any((1, 2, 3)).all())
-    placement = signal_placement(signal, "tag", len(tags), height=28, width=28, tags=tags)
+    placement = signal_placement(signal, "tag", len(tags), height=28, width=28, tags=tags, tag_style="shrunk")
     assert placement.templates.dtype == torch.uint8 and placement.templates.shape == (4 * len(tags), 28, 28)
     ink_224 = torch.tensor([float(render(t, 22).sum()) for t in tags]).repeat_interleave(4)
     assert torch.allclose(placement.templates.float().sum((1, 2)) / 255, ink_224 / 64, atol=0.1)
@@ -248,8 +248,8 @@ def test_small_tag_masks_are_the_pixels_the_shrunk_box_and_ink_touch():
     touches (2.75 x 6.75 px at 0.75 px from the edges: 4 x 8 pixels in the corner); ink is inside it."""
     n, f = 24, 224 // 28
     x, signal = _images(n, 28, 28), torch.arange(n) % 2
-    _, box = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(7))
-    out, ink = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(7), tag_mask="ink")
+    _, box = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(7), tag_style="shrunk")
+    out, ink = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(7), tag_mask="ink", tag_style="shrunk")
     _, big_box = add_text_tags(_images(n, 224, 224), signal, PNEU_TAGS, generator=_seeded(7))  # same corners
     h, w = render(PNEU_TAGS[0], 22).shape
     assert render(PNEU_TAGS[1], 22).shape == (h, w)
@@ -272,7 +272,8 @@ def test_small_tag_masks_are_the_pixels_the_shrunk_box_and_ink_touch():
 def test_small_tags_stay_distinguishable(tags):
     """At 28 px every tag gives a different image on the same background and corner (same seed)."""
     for x in (_images(6, 28, 28, seed=9), torch.zeros(6, 1, 28, 28, dtype=torch.uint8)):
-        outs = [add_text_tags(x, torch.full((6,), s), tags, generator=_seeded(0))[0] for s in range(len(tags))]
+        outs = [add_text_tags(x, torch.full((6,), s), tags, generator=_seeded(0), tag_style="shrunk")[0]
+                for s in range(len(tags))]
         for a in range(len(tags)):
             for b in range(a + 1, len(tags)):
                 assert bool((outs[a] != outs[b]).any((1, 2, 3)).all()), (tags[a], tags[b])
@@ -284,8 +285,8 @@ def test_small_non_square_images_get_shrunk_tags():
     batch equals contaminate."""
     n, size = 16, (30, 41)
     x, signal = _images(n, *size, c=3, seed=5), torch.arange(n) % 5
-    out, box = add_text_tags(x, signal, KNEE_TAGS, generator=_seeded(2))
-    out_ink, ink = add_text_tags(x, signal, KNEE_TAGS, generator=_seeded(2), tag_mask="ink")
+    out, box = add_text_tags(x, signal, KNEE_TAGS, generator=_seeded(2), tag_style="shrunk")
+    out_ink, ink = add_text_tags(x, signal, KNEE_TAGS, generator=_seeded(2), tag_mask="ink", tag_style="shrunk")
     assert torch.equal(out, out_ink) and out.shape == x.shape and out.dtype == torch.uint8
     assert box.shape == ink.shape == (n, 1, *size) and box.dtype == ink.dtype == torch.uint8
     assert bool((box >= ink).all()) and bool(ink.any((1, 2, 3)).all())
@@ -294,12 +295,12 @@ def test_small_non_square_images_get_shrunk_tags():
     for b in box[:, 0]:
         r0, r1, c0, c1 = _bbox(b)
         assert (r0 == 0 or r1 == size[0]) and (c0 == 0 or c1 == size[1]) and int(b.sum()) == (r1 - r0) * (c1 - c0)
-    placement = signal_placement(signal, "tag", 5, height=size[0], width=size[1], seed=11)
+    placement = signal_placement(signal, "tag", 5, height=size[0], width=size[1], seed=11, tag_style="shrunk")
     ref_w = round(224 * size[1] / size[0])
     ink_224 = torch.tensor([float(render(t, 22).sum()) for t in KNEE_TAGS]).repeat_interleave(4)
     share = placement.templates.float().sum((1, 2)) / 255 / (size[0] * size[1])
     assert torch.allclose(share, ink_224 / (224 * ref_w), rtol=0.1)
-    want_x, want_m = contaminate(x, signal, "tag", 5, seed=11)
+    want_x, want_m = contaminate(x, signal, "tag", 5, seed=11, tag_style="shrunk")
     samples = torch.tensor([3, 0, 3, 15])
     got_x, got_m = placement.apply(x[samples], samples)
     assert torch.equal(got_x, want_x[samples]) and torch.equal(got_m, want_m[samples])
@@ -307,21 +308,38 @@ def test_small_non_square_images_get_shrunk_tags():
 
 @pytest.mark.parametrize("size, height, margin", [(224, 22, 6), (96, 8, 3), (77, 8, 2)])
 def test_larger_images_and_explicit_heights_keep_the_scaled_font(size, height, margin):
-    """From 77 px up (round(22 H / 224) >= 8) and with an explicit height, tags are bool templates: pixels are
+    """With tag_style "shrunk": from 77 px up (round(22 H / 224) >= 8) and with an explicit height, tags are bool templates: pixels are
     255 or the original, the tag the scaled font in its corner; 76 px is the first shrunk size."""
     x, signal = _images(12, size, size), torch.arange(12) % 2
-    placement = signal_placement(signal, "tag", 2, height=size, width=size, seed=1, tag_mask="ink")
+    placement = signal_placement(signal, "tag", 2, height=size, width=size, seed=1, tag_mask="ink",
+                                 tag_style="shrunk")
     assert placement.templates.dtype == torch.bool
-    out, ink = contaminate(x, signal, "tag", 2, seed=1, tag_mask="ink")
+    out, ink = contaminate(x, signal, "tag", 2, seed=1, tag_mask="ink", tag_style="shrunk")
     _check_written(x, out, ink, torch.full((12,), 255))
     assert set(out[out != x].unique().tolist()) == {255}
     assert all(_corner(m, render(PNEU_TAGS[s], height), margin) is not None
                for m, s in zip(ink[:, 0], signal.tolist()))
-    assert signal_placement(signal, "tag", 2, height=76, width=76).templates.dtype == torch.uint8
+    assert signal_placement(signal, "tag", 2, height=76, width=76, tag_style="shrunk").templates.dtype == torch.uint8
     small = _images(12, 28, 28)
-    out, ink = add_text_tags(small, signal, PNEU_TAGS, height=8, generator=_seeded(1), tag_mask="ink")
+    out, ink = add_text_tags(small, signal, PNEU_TAGS, height=8, generator=_seeded(1), tag_mask="ink",
+                             tag_style="shrunk")
     _check_written(small, out, ink, torch.full((12,), 255))
     assert all(_corner(m, render(PNEU_TAGS[s], 8), margin=1) is not None for m, s in zip(ink[:, 0], signal.tolist()))
+
+
+def test_small_images_default_to_the_fonts_smallest_render():
+    """tag_style "font" (the default): at 28 px a tag is the font's 8 px render (bool, white, 1 px from the
+    edge), a stronger signal than the shrunk grey one; any other style is refused by name."""
+    x, signal = _images(12, 28, 28), torch.arange(12) % 2
+    assert signal_placement(signal, "tag", 2, height=28, width=28).templates.dtype == torch.bool
+    out, ink = add_text_tags(x, signal, PNEU_TAGS, generator=_seeded(1), tag_mask="ink")
+    assert torch.equal(out, add_text_tags(x, signal, PNEU_TAGS, height=5, generator=_seeded(1), tag_mask="ink")[0])
+    _check_written(x, out, ink, torch.full((12,), 255))
+    assert all(_corner(m, render(PNEU_TAGS[s], 8), margin=1) is not None for m, s in zip(ink[:, 0], signal.tolist()))
+    for call in (lambda: add_text_tags(x, signal, PNEU_TAGS, tag_style="tiny"),
+                 lambda: contaminate(x, signal, "tag", 2, tag_style="tiny")):
+        with pytest.raises(ValueError, match="tag_style must be one of"):
+            call()
 
 
 # --- stripes --------------------------------------------------------------------------------------------
@@ -565,8 +583,9 @@ def test_cuda_matches_cpu(kind):
 def test_cuda_matches_cpu_for_shrunk_tags():
     x, y = _images(30, 28, 28, c=3, seed=2), torch.arange(30) % 5
     for tag_mask in ("box", "ink"):
-        cpu = contaminate(x, y, "tag", 5, variant="permuted", seed=2, tag_mask=tag_mask)
-        gpu = contaminate(x.cuda(), y.cuda(), "tag", 5, variant="permuted", seed=2, tag_mask=tag_mask)
+        cpu = contaminate(x, y, "tag", 5, variant="permuted", seed=2, tag_mask=tag_mask, tag_style="shrunk")
+        gpu = contaminate(x.cuda(), y.cuda(), "tag", 5, variant="permuted", seed=2, tag_mask=tag_mask,
+                          tag_style="shrunk")
         assert gpu[0].is_cuda and torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
 
 

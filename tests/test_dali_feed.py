@@ -111,17 +111,22 @@ def test_images_equal_reference_loader(backend, name, knee, pneu):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,variant,options", [("tag", "contaminated", {}), ("tag", "permuted", {}),
                                                   ("stripe", "permuted", {}),
-                                                  ("tag", "permuted", {"permute": "derangement", "tag_mask": "ink"})])
+                                                  ("tag", "permuted", {"permute": "derangement", "tag_mask": "ink"}),
+                                                  ("tag", "contaminated", {"tag_style": "shrunk"})])
 def test_contaminated_batches_equal_reference(backend, kind, variant, options, knee):
-    ref = load_dataset("knee", knee).train
+    size = 48 if options.get("tag_style") == "shrunk" else 224  # shrunk tags: images under 77 px
+    ref = load_dataset("knee", knee, image_size=size).train
     ref_x, ref_m = contaminate(ref.images, ref.labels, kind, 5, variant=variant, seed=7, **options)
     assert ref_m.sum() > 0
+    if size < 224:  # the grey tag, not the font's
+        assert not torch.equal(ref_x, contaminate(ref.images, ref.labels, kind, 5, variant=variant, seed=7)[0])
     files, labels = folder_split("knee", knee, "train")
-    feed = make_feed(files, labels, backend, kind=kind, variant=variant, seed=7, batch_size=4, **options)
+    feed = make_feed(files, labels, backend, kind=kind, variant=variant, seed=7, batch_size=4, image_size=size,
+                     **options)
     for epoch in range(2):
         seen = []
         for idx, x, y, m in feed.indexed():
-            assert x.shape == m.shape == (4, 1, 224, 224)
+            assert x.shape == m.shape == (4, 1, size, size)
             assert torch.equal(x, ref_x[idx].float().div(255).sub(MEAN).div(STD))
             assert torch.equal(m, ref_m[idx].float()) and torch.equal(y, ref.labels[idx])
             seen += idx.tolist()

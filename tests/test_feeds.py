@@ -82,18 +82,19 @@ def test_permuted_variant_moves_the_signal_not_the_positions():
     assert torch.equal(mc, mp) and not torch.equal(xc, xp)
 
 
-@pytest.mark.parametrize("permute,tag_mask", [("derangement", "ink"), ("random", "box")])
-def test_permute_and_tag_mask_reach_the_placement(permute, tag_mask):
-    """The feed's permuted tags equal contaminate(..., permute, tag_mask) of the whole set; the defaults are
-    random and box."""
+@pytest.mark.parametrize("permute,tag_mask,tag_style", [("derangement", "ink", "shrunk"), ("random", "box", "font")])
+def test_permute_and_tag_mask_reach_the_placement(permute, tag_mask, tag_style):
+    """The feed's permuted tags equal contaminate(..., permute, tag_mask, tag_style) of the whole set; the
+    defaults are random, box and font."""
     images, labels = make_set(20, 61, 67, 5)
     ref_x, ref_m = contaminate(images, labels, "tag", 5, variant="permuted", seed=3, permute=permute,
-                               tag_mask=tag_mask)
+                               tag_mask=tag_mask, tag_style=tag_style)
     other_x, other_m = contaminate(images, labels, "tag", 5, variant="permuted", seed=3,
                                    permute="random" if permute == "derangement" else "derangement",
-                                   tag_mask="box" if tag_mask == "ink" else "ink")
+                                   tag_mask="box" if tag_mask == "ink" else "ink",
+                                   tag_style="font" if tag_style == "shrunk" else "shrunk")
     assert not torch.equal(ref_x, other_x) and not torch.equal(ref_m, other_m)
-    kw = {} if permute == "random" else {"permute": permute, "tag_mask": tag_mask}
+    kw = {} if permute == "random" else {"permute": permute, "tag_mask": tag_mask, "tag_style": tag_style}
     feed = feed_for(images, labels, "tag", 5, variant="permuted", batch_size=20, shuffle=False, **kw)
     x, _, m = next(iter(feed))
     assert torch.equal(x, reference_x(ref_x)) and torch.equal(m, ref_m.float())

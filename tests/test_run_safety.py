@@ -290,6 +290,21 @@ def test_a_run_prints_a_summary_line_and_where_it_resumes(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_at_its_default(tmp_path, capsys):
+    """A checkpoint written before a setting existed (its meta lacks the key) resumes when the run holds that
+    setting at its default, and is refused, naming it, when the run sets another value."""
+    run_dir = tmp_path / "run"
+    assert _train(run_dir) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    for key in ("tag_style", "tau_rule"):
+        del state["meta"][key]
+    torch.save(state, run_dir / "checkpoint.pt")
+    assert _train(run_dir, "--tag-style", "shrunk", "--resume", "--epochs", "2") == 2
+    assert "tag_style" in _error_line(capsys)
+    assert _train(run_dir, "--resume", "--epochs", "2") == 0
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+
 def test_extending_a_teacher_run_names_teacher_epochs(tmp_path, capsys):
     """teacher_epochs follows epochs: more epochs with --resume would change the teacher the checkpoint was
     trained with, so it is refused with the flag that keeps it; given, the run continues."""

@@ -207,6 +207,7 @@ def test_default_lambdas_follow_norm_and_appendix_c():
     ({"kernel_size": 2}, "kernel_size must be a positive odd int"), ({"momentum": 1.0}, "momentum must lie"),
     ({"tap_backend": "cuda"}, "tap_backend must be one of"), ({"tau_rule": "top"}, "tau_rule must be one of"),
     ({"permute": "swap"}, "permute must be one of"), ({"tag_mask": "outline"}, "tag_mask must be one of"),
+    ({"tag_style": "tiny"}, "tag_style must be one of"),
     ({"teacher_lr": 0.0}, "teacher_lr must be a finite number > 0"),
     ({"teacher_weight_decay": -1e-4}, "teacher_weight_decay must be a finite number >= 0")])
 def test_check_config_names_the_bad_field(changes, match):
