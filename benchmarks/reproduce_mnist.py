@@ -90,7 +90,7 @@ ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
 # current selection): a resumed run must have the same.
 RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
-            "rbr_limit_train", "sweep_epochs", "rows", "seeds", "taus")
+            "rbr_limit_train", "sweep", "sweep_epochs", "rows", "seeds", "taus")
 
 
 def rows(selected: list[str], taus: list[float], dataset: str = "mnist") -> list[tuple[str, dict, tuple | None]]:
@@ -127,6 +127,15 @@ def row_keys(text: str) -> list[str]:
     return keys
 
 
+def method_list(text: str) -> list[str]:
+    """argparse type of --sweep: comma-separated methods with a lambda."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    allowed = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
+    if not methods or any(m not in allowed for m in methods):
+        raise argparse.ArgumentTypeError(f"must be comma-separated methods of {list(allowed)}, got {text!r}")
+    return methods
+
+
 def tau_list(text: str) -> list[float]:
     """argparse type of --taus: comma-separated thresholds in (0, 1]."""
     return [tau_value(t) for t in text.split(",")]
@@ -158,8 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-test", type=positive_int)
     parser.add_argument("--rbr-limit-train", type=positive_int,
                         help="RBR rows (and their sweep) train on this class-stratified subset of the training set")
+    parser.add_argument("--sweep", type=method_list, default=[],
+                        help="comma-separated methods (tap, rrr, rbr, at, jt, kd) whose lambda section 5.3's sweep "
+                             "chooses even where a default exists (rows without one are always swept)")
     parser.add_argument("--sweep-epochs", type=positive_int,
-                        help="epochs of each sweep run, for rows without a default lambda (default: --epochs)")
+                        help="epochs of each sweep run (default: --epochs)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -211,19 +223,21 @@ def row_config(overrides: dict, seed: int, args: argparse.Namespace, **fields) -
 
 
 def swept_lambda(overrides: dict, args: argparse.Namespace, pending: bool = True) -> dict | None:
-    """Section 5.3's choice for a row whose method has no default lambda here (None where one is known):
-    ``{"lam", "degenerate", "sweep"}`` from :func:`tap_fast.experiments.sweep` (decade grid, permuted
-    validation loss, ``--sweep-epochs``, seed 0; the best non-degenerate lambda where the chosen one is
-    degenerate, and ``degenerate`` true where every one is), run once per method and annotation setting and kept in OUT_DIR/sweeps/ (reused on resume).
-    Without ``pending`` runs (every seed of the row finished) only a kept sweep is read, none is run."""
+    """Section 5.3's choice for a row whose method is in ``--sweep`` or has no default lambda here (None
+    otherwise): ``{"lam", "degenerate", "sweep"}`` from :func:`tap_fast.experiments.sweep` (decade grid,
+    permuted validation loss, ``--sweep-epochs``, seed 0; the best non-degenerate lambda where the chosen one
+    is degenerate, and ``degenerate`` true where every one is), run once per method and annotation setting and
+    kept in OUT_DIR/sweeps/ (reused on resume). Without ``pending`` runs (every seed of the row finished) only
+    a kept sweep is read, none is run."""
     if overrides.get("method", "none") == "none":
         return None
     config = row_config(overrides, 0, args)
-    try:
-        resolve(config)
-        return None
-    except ValueError:  # no default lambda for this method, data set and architecture
-        pass
+    if config.method not in args.sweep:
+        try:
+            resolve(config)
+            return None
+        except ValueError:  # no default lambda for this method, data set and architecture
+            pass
     setting = "gt" if config.annotations == "ground-truth" and config.method not in DISTILLATION_ROWS else "teacher"
     folder = Path(args.out_dir) / "sweeps" / f"{config.method}-{setting}"
     path = folder / "sweep.json"

@@ -99,10 +99,13 @@ _tracing = torch.compiler.is_compiling
 
 
 class _TapPenalty(torch.autograd.Function):
-    """penalty = eq. 8 over all layers (one node); backward: one ``tap_grad`` per layer."""
+    """penalty = eq. 8 over all layers (one node); backward: one ``tap_grad`` per layer. The options come as
+    one tuple (norm, kernel_size, compound): each argument of ``apply`` costs the autograd node some host
+    time, forward and backward."""
 
     @staticmethod
-    def forward(ctx, mask, norm, kernel_size, compound, *zs):
+    def forward(ctx, mask, options, *zs):
+        norm, kernel_size, compound = options
         if _tracing():
             penalty, weights = _tap_forward_op(list(zs), mask, norm, kernel_size, compound)
             ctx.grads = ((0, None),) * len(zs)
@@ -120,12 +123,11 @@ class _TapPenalty(torch.autograd.Function):
             weights = saved[n_layers:]
             if len(weights) < n_layers:  # packed
                 weights *= n_layers
-            return None, None, None, None, *[_tap_grad_op(grad_penalty, z, w, n_layers, None, off) if need else None
-                                             for z, w, (off, _), need in zip(saved, weights, plans,
-                                                                             ctx.needs_input_grad[4:])]
+            return None, None, *[_tap_grad_op(grad_penalty, z, w, n_layers, None, off) if need else None
+                                 for z, w, (off, _), need in zip(saved, weights, plans, ctx.needs_input_grad[2:])]
         w, planned_grad = saved[-1], tap_launch.planned_grad
-        return None, None, None, None, *[planned_grad(plan, grad_penalty, z, w) if need else None
-                                         for z, (_, plan), need in zip(saved, plans, ctx.needs_input_grad[4:])]
+        return None, None, *[planned_grad(plan, grad_penalty, z, w) if need else None
+                             for z, (_, plan), need in zip(saved, plans, ctx.needs_input_grad[2:])]
 
 
 class _TapLayer(torch.autograd.Function):
@@ -237,7 +239,7 @@ def fused_tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *
     Launches: one kernel per layer (channel sum, D on the fly, masked reduction) and one sum; compound
     downscaling chains the D maps first (one launch per layer). Returns an fp32 scalar.
     """
-    return _TapPenalty.apply(mask.detach() if mask.requires_grad else mask, norm, kernel_size, compound, *activations)
+    return _TapPenalty.apply(mask.detach() if mask.requires_grad else mask, (norm, kernel_size, compound), *activations)
 
 
 def tap_identity(z: torch.Tensor, mask: torch.Tensor, *, kernel_size: int = 3, norm: str = "l1"
