@@ -52,6 +52,42 @@ def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, no
     return mask
 
 
+_ACCEPTED: dict = {}  # signatures of the calls check_tap_inputs accepted (see _check_tap_inputs_cached)
+_MAX_ACCEPTED = 4096
+_FUSED = None  # (check_launchable, fused_tap_penalty), imported on first use (kernels.* imports triton)
+
+
+def _check_tap_inputs_cached(activations, mask, norm, kernel_size, compound, input_size):
+    """:func:`check_tap_inputs`, run once per signature: the types of the arguments, each tensor's shape,
+    dtype and device, and the options (with their types, so that 3.0 is not taken for 3). Everything it
+    checks is a function of these, so a call with a signature it accepted before passes unchecked; any other
+    is checked in full (and raises as it does). Returns the mask as (B, 1, H, W)."""
+    if torch.compiler.is_compiling():  # traced once per graph anyway; keys of symbolic shapes do not hash
+        return check_tap_inputs(activations, mask, norm, kernel_size, compound, input_size)
+    try:
+        key = (type(activations), type(mask), mask.shape, mask.device, norm, type(kernel_size), kernel_size,
+               compound, None if input_size is None else (type(input_size), *[(type(s), s) for s in input_size]),
+               *[(type(a), a.shape, a.dtype, a.device) for a in activations])
+        accepted = key in _ACCEPTED
+    except (AttributeError, TypeError):  # not tensors, unhashable or odd options: the full check says why
+        return check_tap_inputs(activations, mask, norm, kernel_size, compound, input_size)
+    if not accepted:
+        mask = check_tap_inputs(activations, mask, norm, kernel_size, compound, input_size)
+        if len(_ACCEPTED) < _MAX_ACCEPTED:
+            _ACCEPTED[key] = True
+        return mask
+    return mask if mask.dim() == 4 else mask.unsqueeze(1)
+
+
+def _fused():
+    global _FUSED
+    if _FUSED is None:
+        from kernels.tap_launch import check_launchable
+        from kernels.tap_op import fused_tap_penalty
+        _FUSED = check_launchable, fused_tap_penalty
+    return _FUSED
+
+
 def tap_penalty_reference(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kernel_size: int = 3,
                           norm: str = "l1", compound: bool = False) -> torch.Tensor:
     """Plain-PyTorch eq. 8, batch mean: mean_b (1/L) sum_l sum_hw f(D(M,l) * A^l), A^l = sum_c relu(Z^l_c).
@@ -105,7 +141,7 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mask = check_tap_inputs(activations, mask, norm, kernel_size, compound, input_size)
+    mask = _check_tap_inputs_cached(activations, mask, norm, kernel_size, compound, input_size)
     if validate:
         check_mask_values(mask, soft=soft)
     if backend == "auto":
@@ -115,9 +151,7 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed; "
                          "use backend='torch' or 'auto'")
-    from kernels.tap_launch import check_launchable
-    from kernels.tap_op import fused_tap_penalty
-
+    check_launchable, fused_tap_penalty = _fused()
     check_launchable(mask, "activations")
     return fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)
 

@@ -31,6 +31,26 @@ def test_tap_penalty_rejects(acts, mask, kwargs, error, match):
         tap_penalty(acts, mask, **kwargs)
 
 
+def test_an_accepted_signature_does_not_let_a_bad_call_through():
+    """tap_penalty checks its inputs once per signature (argument types, shapes, dtypes, devices, options): a
+    call that passed before passes again with the same result; a call differing in any checked part, even
+    only by an option's type, is checked again and refused."""
+    acts, mask = [torch.randn(2, 3, 7, 7)], torch.randint(0, 2, (2, 1, 14, 14)).float()
+    first = tap_penalty(acts, mask, backend="torch")
+    assert torch.equal(tap_penalty(acts, mask, backend="torch"), first)
+    for kwargs, error, match in (({"kernel_size": 3.0}, ValueError, "kernel_size must be a positive odd int"),
+                                 ({"norm": "l2"}, ValueError, "norm must be one of"),
+                                 ({"input_size": (14, 15)}, ValueError, "mask must be at the input's resolution")):
+        with pytest.raises(error, match=match):
+            tap_penalty(acts, mask, backend="torch", **kwargs)
+    with pytest.raises(ValueError, match="mask batch size 3 does not match"):
+        tap_penalty(acts, torch.zeros(3, 1, 14, 14), backend="torch")
+    with pytest.raises(ValueError, match=r"exceeds the mask size"):
+        tap_penalty([torch.randn(2, 3, 15, 15)], mask, backend="torch")
+    with pytest.raises(TypeError, match=r"activations\[0\] must be floating"):
+        tap_penalty([acts[0].to(torch.int64)], mask, backend="torch")
+
+
 def test_downscale_rejects_bad_size():
     with pytest.raises(ValueError, match="size must lie in"):
         downscale_mask(MASK, (15, 7))
