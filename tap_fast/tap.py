@@ -54,7 +54,7 @@ def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, no
 
 _ACCEPTED: dict = {}  # signatures of the calls check_tap_inputs accepted (see _check_tap_inputs_cached)
 _MAX_ACCEPTED = 4096
-_FUSED = None  # (check_launchable, fused_tap_penalty), imported on first use (kernels.* imports triton)
+_FUSED = None  # (kernels.tap_launch, kernels.tap_op), imported on first use (they import triton)
 
 
 def _check_tap_inputs_cached(activations, mask, norm, kernel_size, compound, input_size):
@@ -80,11 +80,13 @@ def _check_tap_inputs_cached(activations, mask, norm, kernel_size, compound, inp
 
 
 def _fused():
+    """The modules kernels.tap_launch and kernels.tap_op (their functions are looked up at each call, so that
+    a patched one is the one called)."""
     global _FUSED
     if _FUSED is None:
-        from kernels.tap_launch import check_launchable
-        from kernels.tap_op import fused_tap_penalty
-        _FUSED = check_launchable, fused_tap_penalty
+        import kernels.tap_launch
+        import kernels.tap_op
+        _FUSED = kernels.tap_launch, kernels.tap_op
     return _FUSED
 
 
@@ -151,9 +153,9 @@ def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, *, kern
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package, which is not installed; "
                          "use backend='torch' or 'auto'")
-    check_launchable, fused_tap_penalty = _fused()
-    check_launchable(mask, "activations")
-    return fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)
+    launch, op = _fused()
+    launch.check_launchable(mask, "activations")
+    return op.fused_tap_penalty(list(activations), mask, kernel_size=kernel_size, norm=norm, compound=compound)
 
 
 def triton_available() -> bool:
