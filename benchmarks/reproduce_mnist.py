@@ -184,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"(--batch-size {args.batch_size})")
     args.run_dir = args.run_dir or str(Path(args.out_dir) / "runs")
     args.finished = finished_runs(parser, args) if args.resume else {}
+    args.swept = {}  # the sweeps this invocation ran, by sweep.json path
     return args
 
 
@@ -241,15 +242,19 @@ def swept_lambda(overrides: dict, args: argparse.Namespace, pending: bool = True
     setting = "gt" if config.annotations == "ground-truth" and config.method not in DISTILLATION_ROWS else "teacher"
     folder = Path(args.out_dir) / "sweeps" / f"{config.method}-{setting}"
     path = folder / "sweep.json"
-    if args.resume and path.is_file():
-        record = json.loads(path.read_text())
+    if path in args.swept or (args.resume and path.is_file()):  # rows of one method share its sweep
+        record = args.swept.get(path) or json.loads(path.read_text())
     elif not pending:
         return None
     else:
         print(f"sweeping lambda for {config.method} ({setting} annotations), {args.sweep_epochs or args.epochs} "
               "epochs per lambda", file=sys.stderr, flush=True)
-        record = sweep(dataclasses.replace(config, epochs=args.sweep_epochs or args.epochs, run_dir=str(folder)))
+        try:
+            record = sweep(dataclasses.replace(config, epochs=args.sweep_epochs or args.epochs, run_dir=str(folder)))
+        except ValueError as e:  # e.g. an earlier invocation's sweep runs in the folder, without --resume
+            raise SystemExit(f"the {config.method} sweep for {folder}: {e}") from None
         save_json(record, path)
+        args.swept[path] = record
     fallback = record["best_non_degenerate_lam"]
     lam = fallback if record["degenerate"] and fallback is not None else record["best_lam"]
     if lam is None:
@@ -333,7 +338,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def write(results: list[dict], args: argparse.Namespace) -> str:
     """Replace the JSON (atomically: a kill leaves the previous one) and the markdown table; return the table."""
-    settings = {k: v for k, v in vars(args).items() if k != "finished"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("finished", "swept")}
     path = results_path(args, ".json")
     save_json({"args": settings, "results": results}, path.with_suffix(".json.tmp"))
     os.replace(path.with_suffix(".json.tmp"), path)

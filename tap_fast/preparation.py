@@ -9,6 +9,7 @@ versions; the user's own data set, uncontaminated unless asked, is evaluated on 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -236,8 +237,9 @@ def _teacher_net(config: TrainConfig, dataset: Dataset, teacher_split: Split, de
 
 
 def _read_cache(cache: Path | None, key: dict, fields: tuple[str, ...], what: str) -> dict | None:
-    """The record cached at ``cache`` (with ``key`` and ``fields``) when its key is ``key``; None when there is
-    none, it is another configuration's, or it is unreadable (said on stderr: it is rebuilt)."""
+    """The record cached at ``cache`` (with ``key`` and ``fields``) when its key is ``key`` (a setting its saved
+    key lacks counts at TrainConfig's default: a field added after it was written); None when there is none,
+    it is another configuration's, or it is unreadable (said on stderr: it is rebuilt)."""
     if cache is None or not cache.is_file():
         return None
     try:
@@ -245,7 +247,10 @@ def _read_cache(cache: Path | None, key: dict, fields: tuple[str, ...], what: st
     except ValueError as e:
         print(f"{what}: cache unusable, {e}; training the teacher again to rebuild it", file=sys.stderr)
         return None
-    return saved if saved["key"] == key else None
+    old, defaults = saved["key"], {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    same = isinstance(old, dict) and set(old) <= set(key) and all(
+        old[k] == v if k in old else k in defaults and v == defaults[k] for k, v in key.items())
+    return saved if same else None
 
 
 def distillation_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, test: dict[str, torch.Tensor],

@@ -315,3 +315,23 @@ def test_sweep_chooses_a_lambda_where_a_default_exists(mnist_dir, tmp_path, monk
     assert row["lam"] == row["sweep"]["lam"] in (1.0, 10.0) and row["lam"] in (record["best_lam"],
                                                                                record["best_non_degenerate_lam"])
     assert f"| {row['lam']:g}*" in (tmp_path / "mnist_results.md").read_text()
+
+
+def test_rows_sharing_a_sweep_run_it_once_without_resume(mnist_dir, tmp_path, monkeypatch):
+    """KD 10% and KD 1% share the kd-teacher sweep: a fresh run (no --resume) sweeps once and both rows take its
+    lambda; a second fresh run into the same folder stops with one line naming the sweep, not a traceback."""
+    swept = []
+    real_sweep = reproduce.sweep
+
+    def sweep(config, *args, **kwargs):
+        swept.append(config.teacher_fraction)
+        return real_sweep(config, [1e-3])
+    monkeypatch.setattr(reproduce, "sweep", sweep)
+    argv = tiny(mnist_dir, tmp_path, "--rows", "kd", "--seeds", "0", "--epochs", "1", "--sweep", "kd",
+                "--sweep-epochs", "1")
+    assert reproduce.main(argv) == 0
+    assert swept == [0.1]
+    results = json.loads((tmp_path / "mnist_results.json").read_text())["results"]
+    assert [(r["row"], r["lam"]) for r in results] == [("KD 10%", 1e-3), ("KD 1%", 1e-3)]
+    with pytest.raises(SystemExit, match=r"the kd sweep for .*kd-teacher: .*--resume"):
+        reproduce.main(argv)

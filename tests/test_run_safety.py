@@ -172,6 +172,27 @@ def _teacher_config(run_dir):
                        batch_size=32, limit_train=64, limit_test=32, quiet=True, device="cpu", run_dir=str(run_dir))
 
 
+def test_an_annotation_cache_older_than_a_setting_is_reused_at_its_default(tmp_path, monkeypatch):
+    """A cache whose key lacks a setting added since (here tag_style) is reused while the run holds it at its
+    default (no teacher is trained again), and rebuilt for another value."""
+    config = _teacher_config(tmp_path)
+    ds = preparation.load(config)
+    first = preparation.prepare(resolve(config, ds), ds)
+    cache = tmp_path / "annotations.pt"
+    saved = torch.load(cache, weights_only=True)
+    del saved["key"]["tag_style"]
+    torch.save(saved, cache)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was trained again")
+    monkeypatch.setattr(preparation, "train_teacher", no_teacher)
+    again = preparation.prepare(resolve(config, ds), ds)
+    assert torch.equal(again.train.masks, first.train.masks)
+    shrunk = TrainConfig(**{**config.__dict__, "tag_style": "shrunk"})
+    with pytest.raises(AssertionError, match="trained again"):
+        preparation.prepare(resolve(shrunk, ds), ds)
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage" * 30, "truncated"])
 def test_a_corrupt_annotation_cache_is_rebuilt(content, tmp_path, capsys):
     config = _teacher_config(tmp_path)
