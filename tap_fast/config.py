@@ -124,15 +124,19 @@ RUNTIME_FIELDS = ("epochs", "device", "run_dir", "resume", "overwrite", "quiet",
                   "compile", "cuda_graphs", "tap_backend", "feed", "overlap")
 
 
-def run_meta(config: TrainConfig, saved: dict | None = None) -> dict:
-    """What a resolved ``config`` computes (all but RUNTIME_FIELDS): its checkpoints' ``meta``. Given the
-    ``saved`` meta of a checkpoint to resume, the settings it lacks that ``config`` holds at their defaults
-    (fields added after it was written) are left out, so that it still resumes."""
-    meta = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
-    if saved is None:
-        return meta
+def without_unsaved_defaults(settings: dict, saved: dict) -> dict:
+    """``settings`` (TrainConfig fields) without those that ``saved`` (a checkpoint's or a cache's record of
+    them) lacks and that hold TrainConfig's default: fields added after it was written count at their
+    default, so that it still matches."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in meta.items() if k in saved or k not in defaults or v != defaults[k]}
+    return {k: v for k, v in settings.items() if k in saved or k not in defaults or v != defaults[k]}
+
+
+def run_meta(config: TrainConfig, saved: dict | None = None) -> dict:
+    """What a resolved ``config`` computes (all but RUNTIME_FIELDS): its checkpoints' ``meta``; given the
+    ``saved`` meta of a checkpoint to resume, :func:`without_unsaved_defaults` of it."""
+    meta = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+    return meta if saved is None else without_unsaved_defaults(meta, saved)
 
 
 def default_lambda(method: str, norm: str, dataset: str, arch: str, annotations: str) -> float:

@@ -9,7 +9,6 @@ versions; the user's own data set, uncontaminated unless asked, is evaluated on 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -21,7 +20,8 @@ import torch.nn as nn
 
 from tap_fast.annotations import annotation_quality, random_masks, saliency_maps, threshold_saliency
 from tap_fast.choices import DISTILLATION_METHODS
-from tap_fast.config import DEFAULT_ARCH, TrainConfig, check_config, needs_teacher, signal_options, step_options
+from tap_fast.config import (DEFAULT_ARCH, TrainConfig, check_config, needs_teacher, signal_options, step_options,
+                             without_unsaved_defaults)
 from tap_fast.contamination import VARIANTS, contaminate
 from tap_fast.datasets import (FOLDER_DATASETS, Dataset, FileSplit, Split, clean_split, folder_split, load_dataset,
                                read_saved, stratified_take)
@@ -247,10 +247,8 @@ def _read_cache(cache: Path | None, key: dict, fields: tuple[str, ...], what: st
     except ValueError as e:
         print(f"{what}: cache unusable, {e}; training the teacher again to rebuild it", file=sys.stderr)
         return None
-    old, defaults = saved["key"], {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    same = isinstance(old, dict) and set(old) <= set(key) and all(
-        old[k] == v if k in old else k in defaults and v == defaults[k] for k, v in key.items())
-    return saved if same else None
+    old = saved["key"]
+    return saved if isinstance(old, dict) and old == without_unsaved_defaults(key, old) else None
 
 
 def distillation_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, test: dict[str, torch.Tensor],
