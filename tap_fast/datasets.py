@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tap_fast.choices import DATASETS
 from tap_fast.folder_dataset import (IMAGE_SUFFIXES, FolderListing, attach_boxes, attach_masks, decode_split,
-                                     list_user_folder, visible_entries)
+                                     list_user_folder, read_image, visible_entries)
 
 logger = logging.getLogger(__name__)
 STATS_SAMPLE = 512  # "folder": training images (a fixed stratified sample) that mean and std are computed from
@@ -93,9 +93,6 @@ class Split:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
-
-    def class_counts(self, num_classes: int) -> list[int]:
-        return torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
 
     def subset(self, index: torch.Tensor) -> Split:
         return Split(self.images[index], self.labels[index], None if self.masks is None else self.masks[index])
@@ -225,6 +222,15 @@ def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     if missing:
         raise ValueError(f"{path} lacks arrays {missing}; it holds {files}")
     return arrays
+
+
+def write_saved(path: Path, state: dict) -> None:
+    """``torch.save`` of ``state`` to ``path`` atomically (a temporary file, then a rename), creating its
+    folder: a run killed while writing leaves the previous file whole. :func:`read_saved` reads it back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def read_saved(path: Path, keys: tuple[str, ...] = ()) -> dict:
@@ -395,23 +401,6 @@ def folder_split(name: str, data_dir: str | os.PathLike, split: str, *, val_frac
     return listing[split]
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
-    """Greyscale, centre-cropped to a square and resized (bilinear, antialiased) to size x size."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise ValueError(f"mode {img.mode!r} (16-bit or float) is not supported; convert to 8-bit")
-            img = img.convert("L")
-            w, h = img.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
 def _cache_path(name: str, root: Path, size: int, files: dict, cache_dir: Path) -> Path:
     listing = [[s, str(p.relative_to(root)), y, p.stat().st_size, p.stat().st_mtime_ns]
                for s, items in files.items() for p, y in items]
@@ -431,15 +420,12 @@ def _load_folder(name: str, root: Path, size: int, cache_dir: str | os.PathLike 
             print(f"{name}: decoded-image cache unusable, {e}; decoding the images again to rebuild it",
                   file=sys.stderr)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        splits = {s: Split(torch.from_numpy(np.stack(list(pool.map(lambda p: _decode(p, size),
+        splits = {s: Split(torch.from_numpy(np.stack(list(pool.map(lambda p: read_image(p, size)[0],
                                                                      [p for p, _ in items])))).unsqueeze(1),
                            torch.tensor([y for _, y in items], dtype=torch.int64))
                   for s, items in files.items()}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({s: {"images": v.images, "labels": v.labels} for s, v in splits.items()}, tmp)
-        tmp.replace(cache)
+        write_saved(cache, {s: {"images": v.images, "labels": v.labels} for s, v in splits.items()})
     return splits
 
 
@@ -523,7 +509,7 @@ def _streamed_folder_dataset(name: str, root: Path, size: int, *, val_fraction: 
     def decoded(split: str) -> Split:
         files, labels = parts[split]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            images = list(pool.map(lambda p: _decode(p, size), files))
+            images = list(pool.map(lambda p: read_image(p, size)[0], files))
         return Split(torch.from_numpy(np.stack(images)).unsqueeze(1), labels)
 
     files, labels = parts["train"]

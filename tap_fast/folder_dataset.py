@@ -157,20 +157,28 @@ def _crop_resize(img, size: int):
     return img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
 
 
-def decode_pair(path: Path, size: int, channels: int, *, mask_file: Path | None = None,
-                boxes: list[Box] = (), soft: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """An image (channels, size, size) uint8 and its mask (1, size, size): uint8 0/1, or float32 in [0, 1]
-    with ``soft``. The mask comes from ``mask_file`` (same size as the image; binary unless ``soft``) or
-    ``boxes``; neither gives an all-zero mask."""
+def read_image(path: Path, size: int, channels: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
+    """An 8-bit image file as uint8 pixels, greyscale (size, size) or RGB (size, size, 3), centre-cropped to
+    a square and resized (bilinear, antialiased); and its original (width, height). ValueError naming the
+    file when it cannot be read or is 16-bit or float."""
     from PIL import Image
     try:
         with Image.open(path) as img:
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise ValueError(f"mode {img.mode!r} (16-bit or float) is not supported; convert to 8-bit")
             full = img.size
-            pixels = np.asarray(_crop_resize(img.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8)
+            return np.asarray(_crop_resize(img.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8), full
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def decode_pair(path: Path, size: int, channels: int, *, mask_file: Path | None = None,
+                boxes: list[Box] = (), soft: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """An image (channels, size, size) uint8 and its mask (1, size, size): uint8 0/1, or float32 in [0, 1]
+    with ``soft``. The mask comes from ``mask_file`` (same size as the image; binary unless ``soft``) or
+    ``boxes``; neither gives an all-zero mask."""
+    from PIL import Image
+    pixels, full = read_image(path, size, channels)
     image = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
     source = mask_pixels(full, mask_file, boxes, soft)
     if not source.any():

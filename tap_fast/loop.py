@@ -6,7 +6,6 @@ bf16, and data-parallel over the processes ``torchrun`` starts), saving a checkp
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from tap_fast.compiled_step import make_step
-from tap_fast.datasets import read_saved
+from tap_fast.datasets import read_saved, write_saved
 from tap_fast.distributed import DistContext, all_reduce_sum, unwrap, wrap_ddp
 from tap_fast.tapped_model import TappedModel
 
@@ -96,19 +95,11 @@ def fit(model: TappedModel, feed: Iterable, *, method: str, lam: float, epochs: 
             print(f"{desc} epoch {epoch + 1}/{epochs}: loss {loss:.4f} (task {task_loss:.4f}, penalty "
                   f"{penalty:.4g}) {history['epoch_s'][-1]:.1f}s", file=sys.stderr)
         if checkpoint is not None and ctx.is_main:
-            save_checkpoint(checkpoint, {
+            write_saved(checkpoint, {
                 "model": unwrap(trained).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                 "history": history, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "meta": meta})
     return history
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to ``path`` atomically (a temporary file, then a rename), creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "torch_rng", "cuda_rng", "meta")  # what fit saves

@@ -64,7 +64,7 @@ def downscale_mask(mask: torch.Tensor, size: Sequence[int], kernel_size: int = 3
     mask = as_mask_batch(mask)
     check_kernel_size(kernel_size)
     (size,) = _check_sizes(mask, [size], "size")
-    return _downscale_masks(mask, [size], kernel_size, compound=False)[0]
+    return downscale_trusted(mask, [size], kernel_size, compound=False)[0]
 
 
 def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int = 3,
@@ -74,7 +74,7 @@ def downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_s
     layer; otherwise the max-pool, the same for every layer, is computed once."""
     mask = as_mask_batch(mask)
     check_kernel_size(kernel_size)
-    return _downscale_masks(mask, _check_sizes(mask, sizes, "sizes", compound), kernel_size, compound)
+    return downscale_trusted(mask, _check_sizes(mask, sizes, "sizes", compound), kernel_size, compound)
 
 
 def _check_sizes(mask: torch.Tensor, sizes: Sequence[Sequence[int]], name: str,
@@ -96,8 +96,8 @@ def _max_pool(mask: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2) if kernel_size > 1 else m
 
 
-def _downscale_masks(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int,
-                     compound: bool) -> list[torch.Tensor]:
+def downscale_trusted(mask: torch.Tensor, sizes: Sequence[Sequence[int]], kernel_size: int,
+                      compound: bool) -> list[torch.Tensor]:
     """:func:`downscale_masks` of a checked (B, 1, H, W) mask and sizes within it (``tap_penalty`` checks
     them once)."""
     if not compound:

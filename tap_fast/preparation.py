@@ -24,13 +24,13 @@ from tap_fast.config import (DEFAULT_ARCH, TrainConfig, check_config, needs_teac
                              without_unsaved_defaults)
 from tap_fast.contamination import VARIANTS, contaminate
 from tap_fast.datasets import (FOLDER_DATASETS, Dataset, FileSplit, Split, clean_split, folder_split, load_dataset,
-                               read_saved, stratified_take)
+                               read_saved, stratified_take, write_saved)
 from tap_fast.distributed import DistContext, per_rank_batch_size
 from tap_fast.evaluation import evaluate_variants
 from tap_fast.dali_feed import FolderFeed, dali_available
 from tap_fast.feeds import DeviceFeed
 from tap_fast.folder_dataset import list_user_folder
-from tap_fast.loop import fit, place_model, save_checkpoint
+from tap_fast.loop import fit, place_model
 from tap_fast.masks import check_mask_values
 from tap_fast.models import build_model, tap_points
 from tap_fast.tapped_model import TappedModel
@@ -273,7 +273,7 @@ def distillation_teacher(config: TrainConfig, dataset: Dataset, teacher_split: S
                                               std=dataset.std)
         info = {"teacher": record}
         if cache is not None and (ctx is None or ctx.is_main):
-            save_checkpoint(cache, {"key": key, "model": teacher.state_dict(), "info": json.dumps(info)})
+            write_saved(cache, {"key": key, "model": teacher.state_dict(), "info": json.dumps(info)})
     teacher.requires_grad_(False)
     return TappedModel(teacher, tap_points(DEFAULT_ARCH[config.dataset])).eval(), info
 
@@ -332,5 +332,5 @@ def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Sp
         masks = random_masks(masks, generator=torch.Generator().manual_seed(variant_seed(config.seed, 7)))
     info = {"teacher": record, "tau": config.tau, "tau_rule": config.tau_rule}
     if cache is not None and (ctx is None or ctx.is_main):
-        save_checkpoint(cache, {"key": key, "masks": masks.cpu(), "info": json.dumps(info)})
+        write_saved(cache, {"key": key, "masks": masks.cpu(), "info": json.dumps(info)})
     return masks, info

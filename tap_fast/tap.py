@@ -8,7 +8,7 @@ import torch
 # kernels/__init__ imports neither triton nor tap_fast: the one definition of NORMS, shared with kernels/
 from kernels import NORMS
 from tap_fast.choices import TAP_BACKENDS as BACKENDS
-from tap_fast.masks import _downscale_masks, as_mask_batch, check_kernel_size, check_mask_values
+from tap_fast.masks import as_mask_batch, check_kernel_size, check_mask_values, downscale_trusted
 
 
 def check_tap_inputs(activations: Sequence[torch.Tensor], mask: torch.Tensor, norm: str, kernel_size: int,
@@ -110,7 +110,7 @@ def _reference(activations: Sequence[torch.Tensor], mask: torch.Tensor, kernel_s
                compound: bool) -> torch.Tensor:
     """:func:`tap_penalty_reference` of checked inputs (``mask`` (B, 1, H, W))."""
     total = None
-    for z, d in zip(activations, _downscale_masks(mask, [a.shape[-2:] for a in activations], kernel_size, compound)):
+    for z, d in zip(activations, downscale_trusted(mask, [a.shape[-2:] for a in activations], kernel_size, compound)):
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         a_map = torch.where(z <= 0, 0, z).sum(1, dtype=acc)  # eq. 6
         x = d.to(acc) * a_map

@@ -32,7 +32,7 @@ def tiny(mnist_dir, out_dir, *extra):
 def test_interrupted_run_resumes_without_redoing_finished_pairs(mnist_dir, tmp_path, monkeypatch, capsys):
     """Killed in epoch 2 of the second (row, seed): the JSON keeps the first; --resume skips it and continues
     the second from its epoch-1 checkpoint (one more checkpoint in its folder, not two)."""
-    real_save = tap_fast.loop.save_checkpoint
+    real_save = tap_fast.loop.write_saved
     saves = []
 
     def save(path, state):  # checkpoints of every run, in order; the first of Base seed 1 is the kill point
@@ -41,7 +41,7 @@ def test_interrupted_run_resumes_without_redoing_finished_pairs(mnist_dir, tmp_p
         if saves[-1] == ("base/seed1", 1) and interrupt:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tap_fast.loop, "save_checkpoint", save)
+    monkeypatch.setattr(tap_fast.loop, "write_saved", save)
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(tiny(mnist_dir, tmp_path, "--run-dir", str(tmp_path / "runs")))
@@ -171,7 +171,7 @@ def test_resume_backfills_a_missing_overlap_from_the_checkpoint(mnist_dir, tmp_p
     def no_training(path, state):
         raise AssertionError(f"retrained: a checkpoint saved to {path}")
 
-    monkeypatch.setattr(tap_fast.loop, "save_checkpoint", no_training)
+    monkeypatch.setattr(tap_fast.loop, "write_saved", no_training)
     assert reproduce.main([*argv, "--resume"]) == 0
     (row,) = json.loads(path.read_text())["results"]
     assert row["runs"] == [{**run, "overlap": original}] and row["overlap"] == original
