@@ -10,7 +10,7 @@ contaminated test set; ``tap-fast explain`` on the run's final checkpoint, which
 the run's folder, ``appendix_d/``). A row without a default lambda (PneumoniaMNIST's, where the paper gives none
 for the two-layer CNN) takes the one section 5.3's sweep selects (lowest permuted validation loss over the decade
 grid, ``--sweep-epochs`` epochs, seed 0; the best non-degenerate one if that is degenerate), kept in
-``OUT_DIR/sweeps/`` and reused on resume. RBR, the slowest, can train on a stated subset (``--rbr-limit-train``).
+``OUT_DIR/sweeps/`` and reused on resume; ``--lam METHOD=VALUE`` fixes a method's lambda instead. RBR, the slowest, can train on a stated subset (``--rbr-limit-train``).
 
 Writes ``DATASET_results.json`` and ``DATASET_results.md`` to ``--out-dir`` after every finished (row, seed),
 and checkpoints every run after each epoch in its own folder of ``--run-dir`` (default ``--out-dir``/runs): a
@@ -90,7 +90,8 @@ ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
 # current selection): a resumed run must have the same.
 RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
-            "rbr_limit_train", "sweep", "sweep_epochs", "rows", "seeds", "taus")
+            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "rows", "seeds", "taus")
+LAMBDA_METHODS = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
 
 
 def rows(selected: list[str], taus: list[float], dataset: str = "mnist") -> list[tuple[str, dict, tuple | None]]:
@@ -130,10 +131,27 @@ def row_keys(text: str) -> list[str]:
 def method_list(text: str) -> list[str]:
     """argparse type of --sweep: comma-separated methods with a lambda."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    allowed = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
-    if not methods or any(m not in allowed for m in methods):
-        raise argparse.ArgumentTypeError(f"must be comma-separated methods of {list(allowed)}, got {text!r}")
+    if not methods or any(m not in LAMBDA_METHODS for m in methods):
+        raise argparse.ArgumentTypeError(f"must be comma-separated methods of {list(LAMBDA_METHODS)}, got {text!r}")
     return methods
+
+
+def lambda_map(text: str) -> dict[str, float]:
+    """argparse type of --lam: comma-separated METHOD=VALUE pairs, VALUE a finite number >= 0."""
+    out = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        method, _, value = item.partition("=")
+        try:
+            lam = float(value)
+        except ValueError:
+            lam = math.nan
+        if method.strip() not in LAMBDA_METHODS or not (math.isfinite(lam) and lam >= 0) or method.strip() in out:
+            raise argparse.ArgumentTypeError(f"must be comma-separated METHOD=VALUE pairs, each method once, of "
+                                             f"{list(LAMBDA_METHODS)} and a finite VALUE >= 0, got {text!r}")
+        out[method.strip()] = lam
+    if not out:
+        raise argparse.ArgumentTypeError(f"must name at least one METHOD=VALUE pair, got {text!r}")
+    return out
 
 
 def tau_list(text: str) -> list[float]:
@@ -170,11 +188,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=method_list, default=[],
                         help="comma-separated methods (tap, rrr, rbr, at, jt, kd) whose lambda section 5.3's sweep "
                              "chooses even where a default exists (rows without one are always swept)")
+    parser.add_argument("--lam", type=lambda_map, default={},
+                        help="fixed lambdas, e.g. tap=1e-3,at=10: every row of the method uses it, in place of "
+                             "the default and of the sweep")
     parser.add_argument("--sweep-epochs", type=positive_int,
                         help="epochs of each sweep run (default: --epochs)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    both = [m for m in args.sweep if m in args.lam]
+    if both:
+        parser.error(f"argument --lam: {both} also in --sweep; give each method a fixed lambda or a sweep, not both")
     try:  # before any training: a missing folder, or one without MNIST, is an argument error
         load_dataset(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -354,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides, paper in selected:
         runs = []
         # also for a row whose seeds all finished: its record keeps the sweep (the table's * and notes)
-        swept = swept_lambda(overrides, args, any((name, s) not in args.finished for s in args.seeds))
-        if swept:
-            overrides = {**overrides, "lam": swept["lam"]}
+        fixed = args.lam.get(overrides.get("method"))
+        swept = None if fixed is not None else swept_lambda(overrides, args,
+                                                            any((name, s) not in args.finished for s in args.seeds))
+        if fixed is not None or swept:
+            overrides = {**overrides, "lam": swept["lam"] if swept else fixed}
         for seed in args.seeds:
             done += 1
             step = f"[{done}/{total}] {name}, seed {seed}"

@@ -87,6 +87,9 @@ def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
     (["--data-dir", "{empty}"], "--data-dir"), ([], "--data-dir"), (["--dataset", "x"], "--dataset"),
     (["--rbr-limit-train", "8", "--batch-size", "32"], "--rbr-limit-train"), (["--rbr-limit-train", "0"], "--rbr-limit-train"),
     (["--sweep-epochs", "0"], "--sweep-epochs"), (["--sweep", "tap,none"], "--sweep"), (["--sweep", ""], "--sweep"),
+    (["--lam", "tap"], "--lam"), (["--lam", "tap=-1"], "--lam"), (["--lam", "tap=nan"], "--lam"),
+    (["--lam", "none=1"], "--lam"), (["--lam", "tap=1,tap=2"], "--lam"), (["--lam", ","], "--lam"),
+    (["--lam", "rbr=1", "--sweep", "rbr"], "--lam"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, flag, mnist_dir, tmp_path, capsys):
     """Nothing is trained or written; a folder without MNIST, or no --data-dir at all, names --data-dir."""
@@ -335,3 +338,23 @@ def test_rows_sharing_a_sweep_run_it_once_without_resume(mnist_dir, tmp_path, mo
     assert [(r["row"], r["lam"]) for r in results] == [("KD 10%", 1e-3), ("KD 1%", 1e-3)]
     with pytest.raises(SystemExit, match=r"the kd sweep for .*kd-teacher: .*--resume"):
         reproduce.main(argv)
+
+
+def test_lam_fixes_a_methods_lambda_in_place_of_default_and_sweep(pneumoniamnist_dir, tmp_path, monkeypatch):
+    """--lam tap=0.003: the PneumoniaMNIST TAP row, which would be swept, trains at 0.003 (no sweep, no *), and
+    the checkpoint says so; a resume with another --lam is refused, naming the setting."""
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("swept although --lam fixes the lambda")
+
+    monkeypatch.setattr(reproduce, "sweep", no_sweep)
+    argv = ["--dataset", "pneumoniamnist", "--data-dir", str(pneumoniamnist_dir), "--out-dir", str(tmp_path),
+            "--rows", "tap", "--seeds", "0", "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--device", "cpu",
+            "--quiet", "--lam", "tap=0.003"]
+    assert reproduce.main(argv) == 0
+    (row,) = json.loads((tmp_path / "pneumoniamnist_results.json").read_text())["results"]
+    assert row["lam"] == 0.003 and row["sweep"] is None and not (tmp_path / "sweeps").exists()
+    assert tap_fast.loop.load_checkpoint(tmp_path / "runs" / "tap" / "seed0" / "checkpoint.pt")["meta"]["lam"] == 0.003
+    assert "| TAP | 0.003 | " in (tmp_path / "pneumoniamnist_results.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main([*argv[:-1], "tap=0.01", "--resume"])
+    assert exit_info.value.code == 2
