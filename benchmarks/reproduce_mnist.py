@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tap_fast.choices import TAG_STYLES  # noqa: E402
 from tap_fast.cli import positive_float, positive_int, seed_list, tau_value  # noqa: E402
 from tap_fast.datasets import load_dataset  # noqa: E402
 from tap_fast.config import TrainConfig, resolve  # noqa: E402
@@ -90,7 +91,7 @@ ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
 # current selection): a resumed run must have the same.
 RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
-            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "rows", "seeds", "taus")
+            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "tag_style", "rows", "seeds", "taus")
 LAMBDA_METHODS = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
 
 
@@ -193,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the default and of the sweep")
     parser.add_argument("--sweep-epochs", type=positive_int,
                         help="epochs of each sweep run (default: --epochs)")
+    parser.add_argument("--tag-style", choices=TAG_STYLES, default="font",
+                        help="PneumoniaMNIST's 28 px tags: the font's smallest render (default) or the 224 px tag "
+                             "shrunk with the image (README, 'Tags on small images')")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -243,7 +247,7 @@ def row_config(overrides: dict, seed: int, args: argparse.Namespace, **fields) -
     return TrainConfig(**{"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "lr": args.lr,
                           "batch_size": args.batch_size, "norm": args.norm, "compound": args.compound, "seed": seed,
                           "limit_train": args.limit_train, "limit_test": args.limit_test, "device": args.device,
-                          "quiet": args.quiet, "resume": args.resume, "overlap": False,
+                          "quiet": args.quiet, "resume": args.resume, "overlap": False, "tag_style": args.tag_style,
                           **DATASET_SETTINGS[args.dataset], **overrides, **subset, **fields})
 
 

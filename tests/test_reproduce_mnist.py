@@ -89,7 +89,7 @@ def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
     (["--sweep-epochs", "0"], "--sweep-epochs"), (["--sweep", "tap,none"], "--sweep"), (["--sweep", ""], "--sweep"),
     (["--lam", "tap"], "--lam"), (["--lam", "tap=-1"], "--lam"), (["--lam", "tap=nan"], "--lam"),
     (["--lam", "none=1"], "--lam"), (["--lam", "tap=1,tap=2"], "--lam"), (["--lam", ","], "--lam"),
-    (["--lam", "rbr=1", "--sweep", "rbr"], "--lam"),
+    (["--lam", "rbr=1", "--sweep", "rbr"], "--lam"), (["--tag-style", "big"], "--tag-style"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, flag, mnist_dir, tmp_path, capsys):
     """Nothing is trained or written; a folder without MNIST, or no --data-dir at all, names --data-dir."""
@@ -357,4 +357,18 @@ def test_lam_fixes_a_methods_lambda_in_place_of_default_and_sweep(pneumoniamnist
     assert "| TAP | 0.003 | " in (tmp_path / "pneumoniamnist_results.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main([*argv[:-1], "tap=0.01", "--resume"])
+    assert exit_info.value.code == 2
+
+
+def test_tag_style_reaches_every_run(pneumoniamnist_dir, tmp_path):
+    """--tag-style shrunk: the run is trained on the shrunk tags (its checkpoint's meta), and the setting is one a
+    resume must keep."""
+    argv = ["--dataset", "pneumoniamnist", "--data-dir", str(pneumoniamnist_dir), "--out-dir", str(tmp_path),
+            "--rows", "noxs", "--seeds", "0", "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--device", "cpu",
+            "--quiet", "--tag-style", "shrunk"]
+    assert reproduce.main(argv) == 0
+    meta = tap_fast.loop.load_checkpoint(tmp_path / "runs" / "no-xs" / "seed0" / "checkpoint.pt")["meta"]
+    assert meta["tag_style"] == "shrunk"
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main([*argv[:-2], "--resume"])
     assert exit_info.value.code == 2
