@@ -25,7 +25,7 @@ A short CPU run to check the pipeline:
 PneumoniaMNIST (class-weighted cross-entropy, as the released code trains PNEU):
     python benchmarks/reproduce_mnist.py --dataset pneumoniamnist --data-dir ../shared/data/pneumoniamnist \\
         --out-dir runs/pneumoniamnist --epochs 10 --seeds 0 --taus 0.01
-Continue a killed run: the same command with --resume.
+Continue a killed run: the same command with --resume (which may also add rows, seeds or taus, not drop any).
 """
 from __future__ import annotations
 
@@ -89,9 +89,11 @@ GROUND_TRUTH_ROWS = {"base": ("Base", {"method": "none", "clean_train": True}), 
 DISTILLATION_ROWS = ("at", "jt", "kd")  # each with the 10% and the 1% teacher (Table 18)
 ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
-# current selection): a resumed run must have the same.
+# current selection): a resumed run must have the same settings, and may add to the selection (rows, seeds,
+# taus) but not drop from it.
+SELECTION_ARGS = ("rows", "seeds", "taus")
 RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
-            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "tag_style", "rows", "seeds", "taus")
+            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "tag_style", *SELECTION_ARGS)
 LAMBDA_METHODS = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
 
 
@@ -217,17 +219,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def finished_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], dict]:
-    """The per-seed records of a previous run's JSON by (row, seed); its RUN_ARGS must equal ``args``'."""
+    """The per-seed records of a previous run's JSON by (row, seed); its RUN_ARGS must equal ``args``', but for
+    SELECTION_ARGS, which ``args`` may extend (a seed or a row more), never shrink."""
     path = results_path(args, ".json")
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
     # an argument added after the JSON was written counts with its default
     before = {k: saved["args"][k] if k in saved["args"] else parser.get_default(k) for k in RUN_ARGS}
-    differ = [f"{k} {before[k]!r} != {getattr(args, k)!r}" for k in RUN_ARGS if before[k] != getattr(args, k)]
+    differ = [f"{k} {before[k]!r} != {getattr(args, k)!r}" for k in RUN_ARGS
+              if k not in SELECTION_ARGS and before[k] != getattr(args, k)]
+    differ += [f"{k} {before[k]!r} not all in {getattr(args, k)!r}" for k in SELECTION_ARGS
+               if any(v not in getattr(args, k) for v in before[k])]
     if differ:
         parser.error(f"argument --resume: {path} was written with other settings ({'; '.join(differ)}); "
-                     "use another --out-dir or the same settings")
+                     "use another --out-dir, or the same settings and a selection of rows, seeds and taus that keeps "
+                     "the saved ones")
     return {(r["row"], run["seed"]): run for r in saved["results"] for run in r["runs"]}
 
 

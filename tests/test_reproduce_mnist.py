@@ -67,8 +67,8 @@ def test_interrupted_run_resumes_without_redoing_finished_pairs(mnist_dir, tmp_p
 
 @pytest.mark.parametrize("other", [["--epochs", "5"], ["--rows", "base"], ["--seeds", "0"]])
 def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
-    """A resume with other settings, or another selection of rows or seeds (whose records the rewritten JSON
-    would drop), exits 2 before training."""
+    """A resume with other settings, or a selection of rows or seeds without some saved ones (whose records the
+    rewritten JSON would drop), exits 2 before training."""
     saved = reproduce.parse_args(tiny(mnist_dir, tmp_path))
     (tmp_path / "mnist_results.json").write_text(json.dumps(
         {"args": {k: getattr(saved, k) for k in reproduce.RUN_ARGS}, "results": []}))
@@ -372,3 +372,19 @@ def test_tag_style_reaches_every_run(pneumoniamnist_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main([*argv[:-2], "--resume"])
     assert exit_info.value.code == 2
+
+
+def test_resume_may_add_a_seed_and_a_row(mnist_dir, tmp_path, capsys):
+    """Base seed 0 finished; a resume with --seeds 0,1 and --rows base,noxs trains Base seed 1 and No XS seeds 0
+    and 1, keeping Base seed 0's record as it was."""
+    argv = tiny(mnist_dir, tmp_path, "--rows", "base", "--seeds", "0", "--epochs", "1")
+    assert reproduce.main(argv) == 0
+    (first,) = json.loads((tmp_path / "mnist_results.json").read_text())["results"]
+    more = tiny(mnist_dir, tmp_path, "--rows", "base,noxs", "--seeds", "0,1", "--epochs", "1", "--resume")
+    assert reproduce.main(more) == 0
+    err = capsys.readouterr().err
+    assert "Base, seed 0: in " in err and "Base, seed 1: training" in err and "No XS, seed 0: training" in err
+    final = json.loads((tmp_path / "mnist_results.json").read_text())
+    assert [(r["row"], [run["seed"] for run in r["runs"]]) for r in final["results"]] == [("Base", [0, 1]),
+                                                                                          ("No XS", [0, 1])]
+    assert final["results"][0]["runs"][0] == first["runs"][0] and final["args"]["seeds"] == [0, 1]
