@@ -135,7 +135,8 @@ class _TapLayer(torch.autograd.Function):
     g W 1[Z > 0] / B, plus the gradient arriving at the returned Z in the identity form."""
 
     @staticmethod
-    def forward(ctx, z, src, src_hw, div_hw, kernel_size, norm, d_dtype, identity):
+    def forward(ctx, z, src, options):
+        src_hw, div_hw, kernel_size, norm, d_dtype, identity = options  # one argument: see _TapPenalty
         if _tracing():
             penalty, weight, sums = _tap_layer_op(z, src, div_hw[0], div_hw[1], kernel_size, norm, d_dtype)
         else:
@@ -155,7 +156,7 @@ class _TapLayer(torch.autograd.Function):
         grad_z, grad_penalty = grads[:2] if ctx.identity else (None, grads[0])
         if grad_penalty is not None:
             grad_z = (_tap_grad_op if _tracing() else tap_launch.tap_grad)(grad_penalty, z, w, 1, grad_z)
-        return grad_z, None, None, None, None, None, None, None
+        return grad_z, None, None
 
 
 class MaskSource:
@@ -203,7 +204,7 @@ class MaskSource:
                 if self._pooled is None:
                     self._pooled = self._downscale(self.map, self.hw)
                 src, src_hw = self._pooled, self.hw
-        out = _TapLayer.apply(z, src, src_hw, div, k, norm, self.d_dtype, identity)
+        out = _TapLayer.apply(z, src, (src_hw, div, k, norm, self.d_dtype, identity))
         self._prev = (src if self.compound else out[-1], hw)
         return (out[0], out[1]) if identity else out[0]
 
