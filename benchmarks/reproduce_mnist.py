@@ -345,8 +345,11 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
              else "The paper did not run this data set.")
     lines = [f"{args.dataset}, two-layer CNN: {metric} mean (std) over seeds {args.seeds}; epochs {args.epochs}, "
              f"lr {args.lr}, batch {args.batch_size}, norm {args.norm}, limit_train {args.limit_train}, "
-             f"limit_test {args.limit_test}, RBR limit_train {args.rbr_limit_train}. {paper} Lambda marked * was "
-             f"chosen by section 5.3's sweep ({args.sweep_epochs or args.epochs} epochs per lambda).", "",
+             f"limit_test {args.limit_test}, RBR limit_train {args.rbr_limit_train}, tags {args.tag_style}. {paper}"
+             + (f" Lambda marked * was chosen by section 5.3's sweep ({args.sweep_epochs or args.epochs} epochs per "
+                "lambda)." if any(r.get("sweep") for r in results) else "")
+             + (" Lambdas fixed by --lam: " + ", ".join(f"{m} {v:g}" for m, v in args.lam.items()) + "."
+                if args.lam else ""), "",
              "| row | lambda | contaminated | permuted | clean | paper contaminated | paper permuted | paper clean "
              "| time/run (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:

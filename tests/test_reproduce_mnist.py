@@ -317,7 +317,8 @@ def test_sweep_chooses_a_lambda_where_a_default_exists(mnist_dir, tmp_path, monk
     record = json.loads((tmp_path / "sweeps" / "rbr-gt" / "sweep.json").read_text())
     assert row["lam"] == row["sweep"]["lam"] in (1.0, 10.0) and row["lam"] in (record["best_lam"],
                                                                                record["best_non_degenerate_lam"])
-    assert f"| {row['lam']:g}*" in (tmp_path / "mnist_results.md").read_text()
+    markdown = (tmp_path / "mnist_results.md").read_text()
+    assert f"| {row['lam']:g}*" in markdown and "Lambda marked * was chosen by section 5.3's sweep (1 epochs" in markdown
 
 
 def test_rows_sharing_a_sweep_run_it_once_without_resume(mnist_dir, tmp_path, monkeypatch):
@@ -354,7 +355,9 @@ def test_lam_fixes_a_methods_lambda_in_place_of_default_and_sweep(pneumoniamnist
     (row,) = json.loads((tmp_path / "pneumoniamnist_results.json").read_text())["results"]
     assert row["lam"] == 0.003 and row["sweep"] is None and not (tmp_path / "sweeps").exists()
     assert tap_fast.loop.load_checkpoint(tmp_path / "runs" / "tap" / "seed0" / "checkpoint.pt")["meta"]["lam"] == 0.003
-    assert "| TAP | 0.003 | " in (tmp_path / "pneumoniamnist_results.md").read_text()
+    markdown = (tmp_path / "pneumoniamnist_results.md").read_text()
+    assert "| TAP | 0.003 | " in markdown and "Lambdas fixed by --lam: tap 0.003." in markdown
+    assert "marked *" not in markdown
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main([*argv[:-1], "tap=0.01", "--resume"])
     assert exit_info.value.code == 2
