@@ -1,6 +1,6 @@
 """Reproduce the MNIST rows of Table 9 (ground-truth annotations), Table 12 (teacher annotations) and Table 18
 (distillation baselines, Appendix M), and the same rows on PneumoniaMNIST (real chest X-rays at 28 px with the
-text tags of section 5.1 shrunk to 28 px, which the paper did not run).
+text tags of section 5.1 drawn at 28 px, ``--tag-style``, font by default; the paper did not run it).
 
 Each row is trained for several seeds with ``tap_fast.experiments.train`` and reported as mean (std) of the
 final-epoch task metric (accuracy on MNIST, pneumonia F1 on PneumoniaMNIST) on the contaminated, permuted and
@@ -10,7 +10,8 @@ contaminated test set; ``tap-fast explain`` on the run's final checkpoint, which
 the run's folder, ``appendix_d/``). A row without a default lambda (PneumoniaMNIST's, where the paper gives none
 for the two-layer CNN) takes the one section 5.3's sweep selects (lowest permuted validation loss over the decade
 grid, ``--sweep-epochs`` epochs, seed 0; the best non-degenerate one if that is degenerate), kept in
-``OUT_DIR/sweeps/`` and reused on resume; ``--lam METHOD=VALUE`` fixes a method's lambda instead. RBR, the slowest, can train on a stated subset (``--rbr-limit-train``).
+``OUT_DIR/sweeps/`` and reused on resume; ``--lam METHOD=VALUE`` fixes a method's lambda instead. RBR, the
+slowest, can train on a stated subset (``--rbr-limit-train``).
 
 Writes ``DATASET_results.json`` and ``DATASET_results.md`` to ``--out-dir`` after every finished (row, seed),
 and checkpoints every run after each epoch in its own folder of ``--run-dir`` (default ``--out-dir``/runs): a
@@ -126,8 +127,8 @@ def row_keys(text: str) -> list[str]:
     """argparse type of --rows: comma-separated keys of ``ROW_KEYS``."""
     keys = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in keys if k not in ROW_KEYS]
-    if not keys or unknown:
-        raise argparse.ArgumentTypeError(f"must be comma-separated rows of {list(ROW_KEYS)}, got {text!r}")
+    if not keys or unknown or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(f"must be distinct comma-separated rows of {list(ROW_KEYS)}, got {text!r}")
     return keys
 
 
@@ -158,8 +159,11 @@ def lambda_map(text: str) -> dict[str, float]:
 
 
 def tau_list(text: str) -> list[float]:
-    """argparse type of --taus: comma-separated thresholds in (0, 1]."""
-    return [tau_value(t) for t in text.split(",")]
+    """argparse type of --taus: distinct comma-separated thresholds in (0, 1]."""
+    taus = [tau_value(t) for t in text.split(",")]
+    if len(set(taus)) != len(taus):
+        raise argparse.ArgumentTypeError(f"must be distinct comma-separated thresholds, got {text!r}")
+    return taus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,6 +209,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     both = [m for m in args.sweep if m in args.lam]
     if both:
         parser.error(f"argument --lam: {both} also in --sweep; give each method a fixed lambda or a sweep, not both")
+    used = {overrides.get("method") for _, overrides, _ in rows(args.rows, args.taus, args.dataset)}
+    for flag, methods in (("--sweep", args.sweep), ("--lam", list(args.lam))):
+        unused = [m for m in methods if m not in used]
+        if unused:
+            parser.error(f"argument {flag}: no row of --rows {','.join(args.rows)} uses {unused}")
     try:  # before any training: a missing folder, or one without MNIST, is an argument error
         load_dataset(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -230,12 +239,21 @@ def finished_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     differ = [f"{k} {before[k]!r} != {getattr(args, k)!r}" for k in RUN_ARGS
               if k not in SELECTION_ARGS and before[k] != getattr(args, k)]
     differ += [f"{k} {before[k]!r} not all in {getattr(args, k)!r}" for k in SELECTION_ARGS
-               if any(v not in getattr(args, k) for v in before[k])]
+               if any(v not in getattr(args, k) for v in before[k])
+               and (k != "taus" or "teacher" in before["rows"])]  # taus make only the teacher rows
     if differ:
         parser.error(f"argument --resume: {path} was written with other settings ({'; '.join(differ)}); "
                      "use another --out-dir, or the same settings and a selection of rows, seeds and taus that keeps "
                      "the saved ones")
     return {(r["row"], run["seed"]): run for r in saved["results"] for run in r["runs"]}
+
+
+def saved_rows(args: argparse.Namespace) -> dict[str, tuple[dict, dict | None]]:
+    """With ``--resume``, each saved row's (overrides with its lambda, sweep) by row name; else {}."""
+    path = results_path(args, ".json")
+    if not (args.resume and path.is_file()):
+        return {}
+    return {r["row"]: (r["overrides"], r.get("sweep")) for r in json.loads(path.read_text())["results"]}
 
 
 def results_path(args: argparse.Namespace, suffix: str) -> Path:
@@ -325,8 +343,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def row_record(name: str, overrides: dict, paper: tuple | None, runs: list[dict], swept: dict | None = None
-               ) -> dict:
+def row_record(name: str, overrides: dict, swept: dict | None, *, paper: tuple | None, runs: list[dict]) -> dict:
     """A row's mean (std) over its finished seeds, and its mean overlap per map and measure."""
     converged = [s for s in runs if "diverged" not in s]
     ours = {v: summarise([s[v] for s in converged]) if converged else (math.nan, math.nan) for v in VARIANTS}
@@ -345,7 +362,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
              else "The paper did not run this data set.")
     lines = [f"{args.dataset}, two-layer CNN: {metric} mean (std) over seeds {args.seeds}; epochs {args.epochs}, "
              f"lr {args.lr}, batch {args.batch_size}, norm {args.norm}, limit_train {args.limit_train}, "
-             f"limit_test {args.limit_test}, RBR limit_train {args.rbr_limit_train}, tags {args.tag_style}. {paper}"
+             f"limit_test {args.limit_test}, RBR limit_train {args.rbr_limit_train}"
+             + (f", tags {args.tag_style}" if args.dataset != "mnist" else "") + f". {paper}"
              + (f" Lambda marked * was chosen by section 5.3's sweep ({args.sweep_epochs or args.epochs} epochs per "
                 "lambda)." if any(r.get("sweep") for r in results) else "")
              + (" Lambdas fixed by --lam: " + ", ".join(f"{m} {v:g}" for m, v in args.lam.items()) + "."
@@ -388,36 +406,47 @@ def write(results: list[dict], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     selected = rows(args.rows, args.taus, args.dataset)
-    total, done, results = len(selected) * len(args.seeds), 0, []
+    total, done = len(selected) * len(args.seeds), 0
+    records = dict(args.finished)  # (row, seed) -> its record: the saved ones, then each trained
+    settled = saved_rows(args)  # row -> (overrides with its lambda, sweep): saved, then as each row is reached
+
+    def finished_rows() -> list[dict]:  # every selected row with a record (also rows a resume has not reached)
+        out = []
+        for name, overrides, paper in selected:
+            runs = [records[name, s] for s in args.seeds if (name, s) in records]
+            if runs:
+                out.append(row_record(name, *settled.get(name, (overrides, None)), paper=paper, runs=runs))
+        return out
+
     for name, overrides, paper in selected:
-        runs = []
         # also for a row whose seeds all finished: its record keeps the sweep (the table's * and notes)
         fixed = args.lam.get(overrides.get("method"))
         swept = None if fixed is not None else swept_lambda(overrides, args,
                                                             any((name, s) not in args.finished for s in args.seeds))
         if fixed is not None or swept:
             overrides = {**overrides, "lam": swept["lam"] if swept else fixed}
+        settled[name] = (overrides, swept)
         for seed in args.seeds:
             done += 1
             step = f"[{done}/{total}] {name}, seed {seed}"
-            if (name, seed) in args.finished:
-                runs.append(args.finished[name, seed])
+            if (name, seed) in records:
                 run_dir = Path(args.run_dir) / slug(name) / f"seed{seed}"
-                if "overlap" not in runs[-1] and "diverged" not in runs[-1] and (run_dir / "checkpoint.pt").is_file():
-                    runs[-1]["overlap"] = appendix_d(run_dir, args)  # a record written before overlaps were
+                record = records[name, seed]
+                if "overlap" not in record and "diverged" not in record and (run_dir / "checkpoint.pt").is_file():
+                    record["overlap"] = appendix_d(run_dir, args)  # a record written before overlaps were
                 print(f"{step}: in {results_path(args, '.json')}, skipped", file=sys.stderr, flush=True)
                 continue
             print(f"{step}: training", file=sys.stderr, flush=True)
-            runs.append(train_seed(name, overrides, seed, args))
-            write(results + [row_record(name, overrides, paper, runs, swept)], args)
-            outcome = runs[-1].get("diverged") or " ".join(f"{v} {runs[-1][v]:.3f}" for v in VARIANTS)
-            print(f"{step}: {outcome} ({runs[-1]['time_s']:.1f} s)", file=sys.stderr, flush=True)
-        results.append(row_record(name, overrides, paper, runs, swept))
-        ours, row = results[-1]["ours"], results[-1]
-        print(f"{name:<24} " + "  ".join(f"{v} {m:.3f} ({s:.3f})" for v, (m, s) in ours.items())
+            records[name, seed] = train_seed(name, overrides, seed, args)
+            write(finished_rows(), args)
+            outcome = records[name, seed].get("diverged") or " ".join(f"{v} {records[name, seed][v]:.3f}"
+                                                                      for v in VARIANTS)
+            print(f"{step}: {outcome} ({records[name, seed]['time_s']:.1f} s)", file=sys.stderr, flush=True)
+        row = row_record(name, overrides, swept, paper=paper, runs=[records[name, s] for s in args.seeds])
+        print(f"{name:<24} " + "  ".join(f"{v} {m:.3f} ({s:.3f})" for v, (m, s) in row["ours"].items())
               + (" paper: " + " ".join(f"{m:.3f}" for m, _ in paper) if paper else "")
               + (f" ({row['diverged']} seeds diverged)" if row["diverged"] else ""), flush=True)
-    table = write(results, args)
+    table = write(finished_rows(), args)
     print(table)
     print(f"wrote {results_path(args, '.json')} and {results_path(args, '.md')}", file=sys.stderr)
     return 0

@@ -237,7 +237,6 @@ def _scaled_sum(x: torch.Tensor, n: int, x_off: int, scale: float) -> torch.Tens
     return out
 
 
-@functools.lru_cache(maxsize=1024)
 def source_kind(prev_hw: tuple[int, int] | None, hw: tuple[int, int], mask_hw: tuple[int, int],
                 kernel_size: int) -> str:
     """Where a layer (not compound) builds D from: "sums", the previous layer's bin sums, when its bins

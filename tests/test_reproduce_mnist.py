@@ -90,6 +90,8 @@ def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
     (["--lam", "tap"], "--lam"), (["--lam", "tap=-1"], "--lam"), (["--lam", "tap=nan"], "--lam"),
     (["--lam", "none=1"], "--lam"), (["--lam", "tap=1,tap=2"], "--lam"), (["--lam", ","], "--lam"),
     (["--lam", "rbr=1", "--sweep", "rbr"], "--lam"), (["--tag-style", "big"], "--tag-style"),
+    (["--rows", "base", "--lam", "rrr=1"], "--lam"), (["--rows", "tap", "--sweep", "kd"], "--sweep"),
+    (["--rows", "base,base"], "--rows"), (["--taus", "0.01,0.010"], "--taus"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, flag, mnist_dir, tmp_path, capsys):
     """Nothing is trained or written; a folder without MNIST, or no --data-dir at all, names --data-dir."""
@@ -377,17 +379,43 @@ def test_tag_style_reaches_every_run(pneumoniamnist_dir, tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_resume_may_add_a_seed_and_a_row(mnist_dir, tmp_path, capsys):
-    """Base seed 0 finished; a resume with --seeds 0,1 and --rows base,noxs trains Base seed 1 and No XS seeds 0
-    and 1, keeping Base seed 0's record as it was."""
-    argv = tiny(mnist_dir, tmp_path, "--rows", "base", "--seeds", "0", "--epochs", "1")
+def test_resume_may_add_a_seed_and_a_row(mnist_dir, tmp_path, monkeypatch, capsys):
+    """Base and No XS seed 0 finished; a resume with --seeds 0,1 and --rows base,noxs,tap trains seed 1 of each
+    and TAP seed 0, keeping the finished records as they were; every JSON written on the way holds every record
+    so far (a kill in between loses none: No XS seed 0 is in the one written after Base seed 1)."""
+    argv = tiny(mnist_dir, tmp_path, "--rows", "base,noxs", "--seeds", "0", "--epochs", "1")
     assert reproduce.main(argv) == 0
-    (first,) = json.loads((tmp_path / "mnist_results.json").read_text())["results"]
-    more = tiny(mnist_dir, tmp_path, "--rows", "base,noxs", "--seeds", "0,1", "--epochs", "1", "--resume")
+    first = json.loads((tmp_path / "mnist_results.json").read_text())["results"]
+    written, real_write = [], reproduce.write
+
+    def write(results, args):
+        written.append([(r["row"], [run["seed"] for run in r["runs"]]) for r in results])
+        return real_write(results, args)
+
+    monkeypatch.setattr(reproduce, "write", write)
+    more = tiny(mnist_dir, tmp_path, "--rows", "base,noxs,tap", "--seeds", "0,1", "--epochs", "1", "--resume")
     assert reproduce.main(more) == 0
     err = capsys.readouterr().err
-    assert "Base, seed 0: in " in err and "Base, seed 1: training" in err and "No XS, seed 0: training" in err
+    assert "Base, seed 0: in " in err and "Base, seed 1: training" in err and "TAP, seed 0: training" in err
+    assert written[0] == [("Base", [0, 1]), ("No XS", [0])]
+    assert written[1] == [("Base", [0, 1]), ("No XS", [0, 1])]
+    assert written[-1] == [("Base", [0, 1]), ("No XS", [0, 1]), ("TAP", [0, 1])]
     final = json.loads((tmp_path / "mnist_results.json").read_text())
-    assert [(r["row"], [run["seed"] for run in r["runs"]]) for r in final["results"]] == [("Base", [0, 1]),
-                                                                                          ("No XS", [0, 1])]
-    assert final["results"][0]["runs"][0] == first["runs"][0] and final["args"]["seeds"] == [0, 1]
+    assert [r["runs"][0] for r in final["results"][:2]] == [r["runs"][0] for r in first]
+    assert final["args"]["seeds"] == [0, 1] and final["results"][2]["lam"] == 0.01
+
+
+def test_resume_may_drop_a_tau_only_where_no_saved_row_used_it(mnist_dir, tmp_path, capsys):
+    """Only the teacher rows depend on --taus: without them in the saved rows, another --taus resumes; with
+    them, dropping a saved tau is refused."""
+    for saved_rows, allowed in (("base,tap", True), ("base,teacher", False)):
+        saved = reproduce.parse_args(tiny(mnist_dir, tmp_path, "--rows", saved_rows))
+        (tmp_path / "mnist_results.json").write_text(json.dumps(
+            {"args": {k: getattr(saved, k) for k in reproduce.RUN_ARGS}, "results": []}))
+        resumed = tiny(mnist_dir, tmp_path, "--rows", saved_rows, "--taus", "0.05", "--resume")
+        if allowed:
+            assert reproduce.parse_args(resumed).finished == {}
+        else:
+            with pytest.raises(SystemExit):
+                reproduce.parse_args(resumed)
+            assert "taus [0.01, 0.05, 0.1] not all in [0.05]" in capsys.readouterr().err
