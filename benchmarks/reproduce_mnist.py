@@ -94,7 +94,8 @@ ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # taus) but not drop from it.
 SELECTION_ARGS = ("rows", "seeds", "taus")
 RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
-            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "tag_style", *SELECTION_ARGS)
+            "rbr_limit_train", "sweep", "sweep_epochs", "lam", "tag_style", "teacher_epochs", "teacher_lr",
+            *SELECTION_ARGS)
 LAMBDA_METHODS = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
 
 
@@ -200,6 +201,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the default and of the sweep")
     parser.add_argument("--sweep-epochs", type=positive_int,
                         help="epochs of each sweep run (default: --epochs)")
+    parser.add_argument("--teacher-epochs", type=positive_int,
+                        help="epochs of the teachers behind the teacher and distillation rows (default: --epochs)")
+    parser.add_argument("--teacher-lr", type=positive_float,
+                        help="the teachers' SGD learning rate (default: the released teachers' 1e-4)")
     parser.add_argument("--tag-style", choices=TAG_STYLES, default="font",
                         help="PneumoniaMNIST's 28 px tags: the font's smallest render (default) or the 224 px tag "
                              "shrunk with the image (README, 'Tags on small images')")
@@ -273,6 +278,7 @@ def row_config(overrides: dict, seed: int, args: argparse.Namespace, **fields) -
                           "batch_size": args.batch_size, "norm": args.norm, "compound": args.compound, "seed": seed,
                           "limit_train": args.limit_train, "limit_test": args.limit_test, "device": args.device,
                           "quiet": args.quiet, "resume": args.resume, "overlap": False, "tag_style": args.tag_style,
+                          **{k: getattr(args, k) for k in ("teacher_epochs", "teacher_lr") if getattr(args, k)},
                           **DATASET_SETTINGS[args.dataset], **overrides, **subset, **fields})
 
 
@@ -363,7 +369,9 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"{args.dataset}, two-layer CNN: {metric} mean (std) over seeds {args.seeds}; epochs {args.epochs}, "
              f"lr {args.lr}, batch {args.batch_size}, norm {args.norm}, limit_train {args.limit_train}, "
              f"limit_test {args.limit_test}, RBR limit_train {args.rbr_limit_train}"
-             + (f", tags {args.tag_style}" if args.dataset != "mnist" else "") + f". {paper}"
+             + (f", tags {args.tag_style}" if args.dataset != "mnist" else "")
+             + "".join(f", {k} {getattr(args, k):g}" for k in ("teacher_epochs", "teacher_lr") if getattr(args, k))
+             + f". {paper}"
              + (f" Lambda marked * was chosen by section 5.3's sweep ({args.sweep_epochs or args.epochs} epochs per "
                 "lambda)." if any(r.get("sweep") for r in results) else "")
              + (" Lambdas fixed by --lam: " + ", ".join(f"{m} {v:g}" for m, v in args.lam.items()) + "."

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 import tap_fast.loop
@@ -419,3 +420,17 @@ def test_resume_may_drop_a_tau_only_where_no_saved_row_used_it(mnist_dir, tmp_pa
             with pytest.raises(SystemExit):
                 reproduce.parse_args(resumed)
             assert "taus [0.01, 0.05, 0.1] not all in [0.05]" in capsys.readouterr().err
+
+
+def test_teacher_epochs_and_lr_reach_the_teacher_rows(mnist_dir, tmp_path):
+    """--teacher-epochs 2 --teacher-lr 0.02: the teacher row's teacher trains 2 epochs (its annotations' record)
+    at lr 0.02 (the run's config); the table header names both."""
+    argv = tiny(mnist_dir, tmp_path, "--rows", "teacher", "--taus", "0.1", "--seeds", "0", "--epochs", "1",
+                "--teacher-epochs", "2", "--teacher-lr", "0.02")
+    assert reproduce.main(argv) == 0
+    run_dir = tmp_path / "runs" / "tap-10-tau-0.1" / "seed0"
+    meta = tap_fast.loop.load_checkpoint(run_dir / "checkpoint.pt")["meta"]
+    assert (meta["teacher_epochs"], meta["teacher_lr"]) == (2, 0.02)
+    info = json.loads(torch.load(run_dir / "annotations.pt", weights_only=True)["info"])
+    assert info["teacher"]["epochs"] == 2
+    assert ", teacher_epochs 2, teacher_lr 0.02." in (tmp_path / "mnist_results.md").read_text()
