@@ -27,8 +27,8 @@ from tap_fast.evaluation import HIGHER_IS_BETTER, constant_baseline, evaluate_va
 from tap_fast.explanations import explanation_maps, overlap, write_maps
 from tap_fast.loop import changed_settings, check_resume, fit, load_checkpoint, place_model
 from tap_fast.models import build_model, tap_points
-from tap_fast.preparation import (PreparedData, contaminate_split, contamination_kind, load, prepare, split_versions,
-                                  stratified_subset, train_teacher, variant_seed)
+from tap_fast.preparation import (PreparedData, contaminate_split, contamination_kind, evaluate_teacher, load, prepare,
+                                  split_versions, stratified_subset, train_teacher, variant_seed)
 from tap_fast.tapped_model import TappedModel
 
 
@@ -260,10 +260,9 @@ def annotate(config: TrainConfig, taus: tuple[float, ...] = TAUS) -> dict:
                                       **signal_options(config))
     teacher, record = train_teacher(config, dataset, teacher_split, device)
     test = stratified_subset(dataset.test, config.limit_test)
-    record["metrics"] = evaluate_variants(
-        teacher, {k: v.to(device) for k, v in split_versions(test, dataset, kind, variant_seed(config.seed, 3),
-                                                             **signal_options(config)).items()},
-        test.labels.to(device), metric=dataset.metric, mean=dataset.mean, std=dataset.std)
+    versions = split_versions(test, dataset, kind, variant_seed(config.seed, 3), **signal_options(config))
+    record = evaluate_teacher(teacher, record, dataset, {k: v.to(device) for k, v in versions.items()},
+                              test.labels.to(device))
     saliency = saliency_maps(teacher, images.to(device), mean=dataset.mean, std=dataset.std).cpu()
     per_tau = {}
     for tau in taus:

@@ -26,7 +26,7 @@ from tap_fast.contamination import VARIANTS, contaminate
 from tap_fast.datasets import (FOLDER_DATASETS, Dataset, FileSplit, Split, clean_split, folder_split, load_dataset,
                                read_saved, stratified_take, write_saved)
 from tap_fast.distributed import DistContext, per_rank_batch_size
-from tap_fast.evaluation import evaluate_variants
+from tap_fast.evaluation import HIGHER_IS_BETTER, constant_baseline, evaluate_variants
 from tap_fast.dali_feed import FolderFeed, dali_available
 from tap_fast.feeds import DeviceFeed
 from tap_fast.folder_dataset import list_user_folder
@@ -269,8 +269,7 @@ def distillation_teacher(config: TrainConfig, dataset: Dataset, teacher_split: S
         info = json.loads(saved["info"])
     else:
         teacher, record = train_teacher(config, dataset, teacher_split, device, ctx)
-        record["metrics"] = evaluate_variants(teacher, test, test_labels, metric=dataset.metric, mean=dataset.mean,
-                                              std=dataset.std)
+        record = evaluate_teacher(teacher, record, dataset, test, test_labels)
         info = {"teacher": record}
         if cache is not None and (ctx is None or ctx.is_main):
             write_saved(cache, {"key": key, "model": teacher.state_dict(), "info": json.dumps(info)})
@@ -307,6 +306,26 @@ def train_teacher(config: TrainConfig, dataset: Dataset, teacher_split: Split, d
                      "train_s": time.perf_counter() - start}
 
 
+def evaluate_teacher(teacher: nn.Module, record: dict, dataset: Dataset, test: dict[str, torch.Tensor],
+                     test_labels: torch.Tensor) -> dict:
+    """``record`` (from :func:`train_teacher`) with the teacher's test ``metrics`` (Appendix K) and ``learned``:
+    whether its clean test metric beats the constant predictor's (:func:`~tap_fast.evaluation.constant_baseline`).
+    A teacher that did not learn is warned about on stderr: its saliency, and so its annotations or its
+    distillation targets, are an untrained network's."""
+    metric = dataset.metric
+    record["metrics"] = evaluate_variants(teacher, test, test_labels, metric=metric, mean=dataset.mean,
+                                          std=dataset.std)
+    _, baseline = constant_baseline(metric, test_labels)
+    clean = record["metrics"]["clean"][metric]
+    record["learned"] = clean > baseline if HIGHER_IS_BETTER[metric] else clean < baseline
+    if not record["learned"]:
+        print(f"warning: the teacher ({record['train_size']} clean images, {record['epochs']} epochs) scores "
+              f"{metric} {clean:.3f} on the clean test set, no better than the constant predictor's {baseline:.3f}: "
+              "its saliency is an untrained network's; train it longer (--teacher-epochs) or faster (--teacher-lr)",
+              file=sys.stderr, flush=True)
+    return record
+
+
 def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Split, images: torch.Tensor,
                         test: dict[str, torch.Tensor], test_labels: torch.Tensor, ctx: DistContext | None = None
                         ) -> tuple[torch.Tensor, dict]:
@@ -324,8 +343,7 @@ def teacher_annotations(config: TrainConfig, dataset: Dataset, teacher_split: Sp
     if saved is not None:
         return saved["masks"].to(images.device), json.loads(saved["info"])
     teacher, record = train_teacher(config, dataset, teacher_split, images.device, ctx)
-    record["metrics"] = evaluate_variants(teacher, test, test_labels, metric=dataset.metric, mean=dataset.mean,
-                                          std=dataset.std)
+    record = evaluate_teacher(teacher, record, dataset, test, test_labels)
     masks = threshold_saliency(saliency_maps(teacher, images, mean=dataset.mean, std=dataset.std), config.tau,
                                rule=config.tau_rule)
     if config.annotations == "random":

@@ -133,10 +133,41 @@ def test_teacher_annotations_on_digits():
     assert info["teacher"]["train_size"] == n_teacher
     assert 0.0 < info["fraction"] < 1.0 and 0.0 <= info["precision"] <= 1.0 and 0.0 <= info["recall"] <= 1.0
     assert set(info["teacher"]["metrics"]) == {"contaminated", "permuted", "clean"}
+    assert info["teacher"]["learned"] is True  # accuracy above the majority class's share
     # A trained teacher finds the 4x4 decoys less salient than the digits: better than random annotations.
     rnd = prepare(resolve(TrainConfig(**{**vars(config), "annotations": "random"}), ds), ds)
     assert torch.equal(rnd.train.masks.sum((1, 2, 3)), data.train.masks.sum((1, 2, 3)))
     assert info["recall"] > rnd.annotation_info["recall"]
+
+
+def test_a_teacher_no_better_than_a_constant_predictor_is_flagged_and_warned_about(capsys):
+    """evaluate_teacher: a teacher whose clean test metric does not beat the constant predictor's is recorded as
+    not learned, with a warning naming the flags that train it more; one that beats it passes quietly."""
+    from tap_fast.preparation import evaluate_teacher
+
+    ds = load(TrainConfig(dataset="digits", device="cpu"))
+    test = {v: ds.test.images[:60] for v in ("contaminated", "permuted", "clean")}
+    labels = ds.test.labels[:60]
+
+    class Constant(torch.nn.Module):  # logits for one class, whatever the image
+        def __init__(self, cls):
+            super().__init__()
+            self.cls = cls
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((x.shape[0],), self.cls), 10).float()
+
+    class Oracle(torch.nn.Module):  # the true labels of the 60 test images, in order
+        def forward(self, x):
+            return torch.nn.functional.one_hot(labels[:x.shape[0]], 10).float()
+
+    majority = int(torch.bincount(labels).argmax())
+    record = evaluate_teacher(Constant(majority), {"train_size": 5, "epochs": 1}, ds, test, labels)
+    assert record["learned"] is False and record["metrics"]["clean"]["accuracy"] < 0.5
+    err = capsys.readouterr().err
+    assert "warning: the teacher (5 clean images, 1 epochs) scores accuracy" in err and "--teacher-epochs" in err
+    assert evaluate_teacher(Oracle(), {"train_size": 5, "epochs": 1}, ds, test, labels)["learned"] is True
+    assert capsys.readouterr().err == ""
 
 
 def test_teacher_trains_at_teacher_lr_with_the_released_l2_term(monkeypatch):
