@@ -288,8 +288,8 @@ def swept_lambda(overrides: dict, args: argparse.Namespace, pending: bool = True
     permuted validation loss, ``--sweep-epochs``, seed 0; the best non-degenerate lambda where the chosen one
     is degenerate, and ``degenerate`` true where every one is), run once per method and annotation setting, on
     the config of the first row of that setting the run reaches (its tau and teacher: the rows of one setting
-    share it), and kept in OUT_DIR/sweeps/ (reused on resume). Without ``pending`` runs (every seed of the row finished) only
-    a kept sweep is read, none is run."""
+    share it), and kept in OUT_DIR/sweeps/ (reused on resume). Without ``pending`` runs (every seed of the row
+    finished) only a kept sweep is read, none is run."""
     if overrides.get("method", "none") == "none":
         return None
     config = row_config(overrides, 0, args)

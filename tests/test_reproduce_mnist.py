@@ -321,7 +321,8 @@ def test_sweep_chooses_a_lambda_where_a_default_exists(mnist_dir, tmp_path, monk
     assert row["lam"] == row["sweep"]["lam"] in (1.0, 10.0) and row["lam"] in (record["best_lam"],
                                                                                record["best_non_degenerate_lam"])
     markdown = (tmp_path / "mnist_results.md").read_text()
-    assert f"| {row['lam']:g}*" in markdown and "Lambda marked * was chosen by section 5.3's sweep (1 epochs" in markdown
+    assert f"| {row['lam']:g}*" in markdown
+    assert "Lambda marked * was chosen by section 5.3's sweep (1 epochs" in markdown
 
 
 def test_rows_sharing_a_sweep_run_it_once_without_resume(mnist_dir, tmp_path, monkeypatch):
