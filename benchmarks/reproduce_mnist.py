@@ -26,7 +26,7 @@ A short CPU run to check the pipeline:
 PneumoniaMNIST (class-weighted cross-entropy, as the released code trains PNEU):
     python benchmarks/reproduce_mnist.py --dataset pneumoniamnist --data-dir ../shared/data/pneumoniamnist \\
         --out-dir runs/pneumoniamnist --epochs 10 --seeds 0 --taus 0.01
-Continue a killed run: the same command with --resume (which may also add rows, seeds or taus, not drop any).
+Continue a killed run: the same command with --resume (which may also add rows, seeds, taus or teachers, not drop any).
 """
 from __future__ import annotations
 
@@ -91,31 +91,34 @@ DISTILLATION_ROWS = ("at", "jt", "kd")  # each with the 10% and the 1% teacher (
 ROW_KEYS = (*GROUND_TRUTH_ROWS, "teacher", *DISTILLATION_ROWS)
 # Arguments that change what a run computes, and the selection of runs its JSON holds (rewritten from the
 # current selection): a resumed run must have the same settings, and may add to the selection (rows, seeds,
-# taus) but not drop from it.
-SELECTION_ARGS = ("rows", "seeds", "taus")
+# taus, teachers) but not drop from it.
+SELECTION_ARGS = ("rows", "seeds", "taus", "teachers")
 RUN_ARGS = ("dataset", "data_dir", "epochs", "lr", "batch_size", "norm", "compound", "limit_train", "limit_test",
             "rbr_limit_train", "sweep", "sweep_epochs", "lam", "tag_style", "teacher_epochs", "teacher_lr",
             *SELECTION_ARGS)
 LAMBDA_METHODS = ("tap", "rrr", "rbr", *DISTILLATION_ROWS)
 
 
-def rows(selected: list[str], taus: list[float], dataset: str = "mnist") -> list[tuple[str, dict, tuple | None]]:
-    """(row name, TrainConfig overrides, paper values per test set or None) for keys of ``ROW_KEYS``; the
-    paper's values are MNIST's (None for other data sets)."""
+def rows(selected: list[str], taus: list[float], dataset: str = "mnist",
+         teachers: tuple[str, ...] = tuple(TEACHERS)) -> list[tuple[str, dict, tuple | None]]:
+    """(row name, TrainConfig overrides, paper values per test set or None) for keys of ``ROW_KEYS``, the
+    teacher and distillation rows for the ``teachers`` labels of ``TEACHERS`` (distillation: 10% and 1% only);
+    the paper's values are MNIST's (None for other data sets)."""
     if dataset != "mnist":
-        return [(name, overrides, None) for name, overrides, _ in rows(selected, taus)]
+        return [(name, overrides, None) for name, overrides, _ in rows(selected, taus, teachers=teachers)]
     out = []
     for key in selected:
         if key in GROUND_TRUTH_ROWS:
             name, overrides = GROUND_TRUTH_ROWS[key]
             out.append((name, overrides, PAPER_TABLE9[name]))
         elif key in DISTILLATION_ROWS:
-            for label, fraction in (("10%", 0.1), ("1%", 0.01)):
+            for label in (t for t in teachers if TEACHERS[t][0] == "teacher"):
+                fraction = TEACHERS[label][1]
                 out.append((f"{key.upper()} {label}", {"method": key, "teacher_fraction": fraction},
                             PAPER_TABLE18[key, fraction]))
         else:
             for tau in taus:
-                for label, (source, fraction, column) in TEACHERS.items():
+                for label, (source, fraction, column) in ((t, TEACHERS[t]) for t in teachers):
                     paper = PAPER_TABLE12.get(tau)
                     out.append((f"TAP {label} tau={tau:g}",
                                 {"method": "tap", "annotations": source, "teacher_fraction": fraction,
@@ -159,6 +162,14 @@ def lambda_map(text: str) -> dict[str, float]:
     return out
 
 
+def teacher_list(text: str) -> list[str]:
+    """argparse type of --teachers: distinct comma-separated labels of ``TEACHERS``, in that order."""
+    labels = [t.strip() for t in text.split(",") if t.strip()]
+    if not labels or any(t not in TEACHERS for t in labels) or len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"must be distinct comma-separated teachers of {list(TEACHERS)}, got {text!r}")
+    return [t for t in TEACHERS if t in labels]
+
+
 def tau_list(text: str) -> list[float]:
     """argparse type of --taus: distinct comma-separated thresholds in (0, 1]."""
     taus = [tau_value(t) for t in text.split(",")]
@@ -182,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "10%%, 1%% teachers and random annotations per tau); also at, jt, kd (Table 18 rows; "
                              "not in the default, so a run started without them resumes as before)")
     parser.add_argument("--taus", type=tau_list, default=[0.01, 0.05, 0.1])
+    parser.add_argument("--teachers", type=teacher_list, default=list(TEACHERS),
+                        help="comma-separated: the teachers of the teacher rows (10%%, 1%%, random) and of the "
+                             "distillation rows (10%%, 1%%); default all")
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=positive_int, default=50)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
@@ -214,7 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     both = [m for m in args.sweep if m in args.lam]
     if both:
         parser.error(f"argument --lam: {both} also in --sweep; give each method a fixed lambda or a sweep, not both")
-    used = {overrides.get("method") for _, overrides, _ in rows(args.rows, args.taus, args.dataset)}
+    selected = rows(args.rows, args.taus, args.dataset, args.teachers)
+    empty = [k for k in args.rows if not rows([k], args.taus, args.dataset, args.teachers)]
+    if empty:
+        parser.error(f"argument --teachers: {','.join(args.teachers)} leaves no row of {empty} (the distillation rows "
+                     "have the 10% and 1% teachers only)")
+    used = {overrides.get("method") for _, overrides, _ in selected}
     for flag, methods in (("--sweep", args.sweep), ("--lam", list(args.lam))):
         unused = [m for m in methods if m not in used]
         if unused:
@@ -245,11 +264,12 @@ def finished_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
               if k not in SELECTION_ARGS and before[k] != getattr(args, k)]
     differ += [f"{k} {before[k]!r} not all in {getattr(args, k)!r}" for k in SELECTION_ARGS
                if any(v not in getattr(args, k) for v in before[k])
-               and (k != "taus" or "teacher" in before["rows"])]  # taus make only the teacher rows
+               and (k != "taus" or "teacher" in before["rows"])  # taus make only the teacher rows
+               and (k != "teachers" or any(r in before["rows"] for r in ("teacher", *DISTILLATION_ROWS)))]
     if differ:
         parser.error(f"argument --resume: {path} was written with other settings ({'; '.join(differ)}); "
-                     "use another --out-dir, or the same settings and a selection of rows, seeds and taus that keeps "
-                     "the saved ones")
+                     "use another --out-dir, or the same settings and a selection of rows, seeds, taus and teachers "
+                     "that keeps the saved ones")
     return {(r["row"], run["seed"]): run for r in saved["results"] for run in r["runs"]}
 
 
@@ -414,7 +434,7 @@ def write(results: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    selected = rows(args.rows, args.taus, args.dataset)
+    selected = rows(args.rows, args.taus, args.dataset, args.teachers)
     total, done = len(selected) * len(args.seeds), 0
     records = dict(args.finished)  # (row, seed) -> its record: the saved ones, then each trained
     settled = saved_rows(args)  # row -> (overrides with its lambda, sweep): saved, then as each row is reached

@@ -93,6 +93,8 @@ def test_resume_refuses_other_settings(other, mnist_dir, tmp_path, capsys):
     (["--lam", "rbr=1", "--sweep", "rbr"], "--lam"), (["--tag-style", "big"], "--tag-style"),
     (["--rows", "base", "--lam", "rrr=1"], "--lam"), (["--rows", "tap", "--sweep", "kd"], "--sweep"),
     (["--rows", "base,base"], "--rows"), (["--taus", "0.01,0.010"], "--taus"),
+    (["--teachers", "5%"], "--teachers"), (["--teachers", "1%,1%"], "--teachers"),
+    (["--rows", "base,at", "--teachers", "random"], "--teachers"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, flag, mnist_dir, tmp_path, capsys):
     """Nothing is trained or written; a folder without MNIST, or no --data-dir at all, names --data-dir."""
@@ -421,6 +423,26 @@ def test_resume_may_drop_a_tau_only_where_no_saved_row_used_it(mnist_dir, tmp_pa
             with pytest.raises(SystemExit):
                 reproduce.parse_args(resumed)
             assert "taus [0.01, 0.05, 0.1] not all in [0.05]" in capsys.readouterr().err
+
+
+def test_teachers_select_the_teacher_and_distillation_rows(mnist_dir, tmp_path, capsys):
+    """--teachers keeps the rows of the named teachers (in TEACHERS' order, whatever order they are given), the
+    distillation rows only their 10% / 1% ones; a resume may add a teacher to saved teacher rows, not drop one."""
+    picked = reproduce.teacher_list("random,1%")
+    assert picked == ["1%", "random"]
+    assert [name for name, _, _ in reproduce.rows(["base", "teacher", "at"], [0.01, 0.1], teachers=picked)] == [
+        "Base", "TAP 1% tau=0.01", "TAP random tau=0.01", "TAP 1% tau=0.1", "TAP random tau=0.1", "AT 1%"]
+    (_, overrides, paper), = reproduce.rows(["jt"], [0.01], teachers=["1%"])
+    assert overrides == {"method": "jt", "teacher_fraction": 0.01} and paper == reproduce.PAPER_TABLE18["jt", 0.01]
+    saved = reproduce.parse_args(tiny(mnist_dir, tmp_path, "--rows", "teacher,kd", "--teachers", "1%"))
+    (tmp_path / "mnist_results.json").write_text(json.dumps(
+        {"args": {k: getattr(saved, k) for k in reproduce.RUN_ARGS}, "results": []}))
+    grown = reproduce.parse_args(tiny(mnist_dir, tmp_path, "--rows", "teacher,kd", "--teachers", "10%,1%",
+                                      "--resume"))
+    assert grown.finished == {} and grown.teachers == ["10%", "1%"]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(tiny(mnist_dir, tmp_path, "--rows", "teacher,kd", "--teachers", "10%", "--resume"))
+    assert "teachers ['1%'] not all in ['10%']" in capsys.readouterr().err
 
 
 def test_teacher_epochs_and_lr_reach_the_teacher_rows(mnist_dir, tmp_path):
